@@ -1,0 +1,3 @@
+from satrun.cli.main import entry
+
+entry()

@@ -1,0 +1,1 @@
+"""The ``satrun`` command line: the only place that knows about Hydra."""

@@ -1,0 +1,105 @@
+"""``satrun <command> [hydra overrides]``.
+
+Hydra composes the config; errors are mapped to exit codes here: bad input (unknown key or
+option, missing model or data, ...) prints one line and exits 2; a bug keeps its traceback.
+``SATRUN_DEBUG=1`` shows the traceback of bad input too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from satrun.cli.configs import GROUPS, config_dir, group_options
+
+USAGE_EXIT = 2
+
+
+def _train_task(cfg) -> dict:  # type: ignore[no-untyped-def]
+    """Hydra task: DictConfig in, typed config down; nothing below sees Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from satrun.config import from_dict
+    from satrun.recipe import run_training
+
+    typed = from_dict(cfg)
+    return run_training(typed, Path(HydraConfig.get().runtime.output_dir))
+
+
+COMMANDS: dict[str, tuple[str, Callable]] = {
+    "train": ("train a model (continual pre-training or fine-tuning)", _train_task),
+}
+
+
+def _help() -> str:
+    lines = ["usage: satrun <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--help]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, (text, _) in COMMANDS.items()]
+    lines += ["", "config groups (choose with group=option):"]
+    lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
+    lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
+              "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help"]
+    return "\n".join(lines)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return isinstance(exc, (HydraException, OmegaConfBaseException))
+
+
+def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
+    import hydra
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we decide how they are shown
+    sys.argv = [f"satrun {name}", *args]
+    app = hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(task)
+    app()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_help())
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"satrun: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return USAGE_EXIT
+    from satrun.errors import UsageError
+
+    _quiet_libraries()
+    try:
+        return _run_hydra(COMMANDS[command][1], command, rest)
+    except (UsageError, Exception) as exc:
+        if os.environ.get("SATRUN_DEBUG"):
+            raise
+        if isinstance(exc, UsageError) or _is_config_error(exc):
+            print(f"satrun {command}: error: {_one_line(exc)}", file=sys.stderr)
+            return USAGE_EXIT
+        raise
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings would drown the run's own output."""
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=re.escape("torch.utils.checkpoint"))
+
+
+def entry() -> None:
+    sys.exit(main())

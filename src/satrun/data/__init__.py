@@ -1,0 +1,72 @@
+"""Training and held-out examples for CPT (packed text) and SFT (chats with masked prompts)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from satrun.config import DataConfig
+from satrun.data import cpt, sft
+from satrun.data.batches import BatchStream, Example, collate, eval_batches, label_tokens
+from satrun.data.sources import load_raw
+from satrun.errors import UsageError
+
+__all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "collate", "eval_batches", "label_tokens"]
+
+FORMAT_VERSION = "1"  # bump when tokenization changes, to invalidate cached datasets
+
+
+@dataclass
+class Corpus:
+    train: list[Example]
+    eval: list[Example]
+    pad_id: int
+
+
+def _tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((spec + str(tokenizer.chat_template)).encode()).hexdigest()[:16]
+
+
+def _fingerprint(ds: datasets.Dataset, *parts: object) -> str:
+    key = "|".join([ds._fingerprint, FORMAT_VERSION, *map(str, parts)])
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def build_corpus(
+    cfg: DataConfig, mode: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, micro_batch_size: int, seed: int
+) -> Corpus:
+    """Read, split (by document/chat, so nothing leaks), tokenize (cached) and pack."""
+    raw = load_raw(cfg, mode)
+    if len(raw) < 2:
+        raise UsageError(f"data={cfg.name} has a single document; need two or more to hold one out (try data.sample_by=paragraph)")
+    n_eval = max(1, round(cfg.eval_fraction * len(raw)))
+    split = raw.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    tok = _tokenizer_id(tokenizer)
+    parts: dict[str, list[Example]] = {}
+    for name, ds in (("train", split["train"]), ("eval", split["test"])):
+        if mode == "cpt":
+            docs = cpt.tokenize_documents(ds, tokenizer, _fingerprint(ds, "cpt", tok))
+            blocks = cpt.pack(cpt.token_stream(docs), seq_len, keep_tail=name == "eval")
+            parts[name] = [(b, b) for b in blocks]
+        else:
+            chats = sft.tokenize_chats(ds, tokenizer, seq_len, _fingerprint(ds, "sft", tok, seq_len))
+            columns = chats.with_format("numpy")
+            parts[name] = [
+                (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(lab, dtype=torch.long))
+                for ids, lab in zip(columns["input_ids"], columns["labels"])
+            ]
+    unit = "blocks of trainer.seq_len tokens" if mode == "cpt" else "chats with an answer"
+    if len(parts["train"]) < micro_batch_size:
+        raise UsageError(
+            f"data={cfg.name} gives {len(parts['train'])} training {unit}, fewer than "
+            f"trainer.micro_batch_size={micro_batch_size}"
+        )
+    if not parts["eval"]:
+        raise UsageError(f"data={cfg.name} gives no held-out {unit}; raise data.eval_fraction")
+    return Corpus(train=parts["train"], eval=parts["eval"], pad_id=int(tokenizer.pad_token_id))

@@ -1,0 +1,80 @@
+"""Supervised fine-tuning data: chats rendered by the chat template, loss on assistant turns only.
+
+A chat is rendered turn by turn. For each assistant turn k the template is applied to the turns
+before k with a generation prompt, and to the turns up to k; the text in between is the answer
+(with the template's end-of-turn marker) and is the only text that carries labels. Every rendered
+prefix must be a prefix of the next rendering, which holds for well-behaved templates and is
+checked. Tokenizers without a chat template use a plain "User: / Assistant:" format.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from satrun.data.sources import MESSAGES
+from satrun.errors import UsageError
+
+IGNORE = -100
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    """The chat as text, via the tokenizer's template, or a plain format without one."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    text = "".join(
+        f"{m['role'].capitalize()}: {m['content']}{tokenizer.eos_token if m['role'] == 'assistant' else ''}\n"
+        for m in messages
+    )
+    return text + ("Assistant:" if generation_prompt else "")
+
+
+def segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The rendered chat split into (text, is_trained) pieces."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, messages[:k], generation_prompt=True)
+        full = render(tokenizer, messages[: k + 1], generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise UsageError("the tokenizer's chat template does not render chats incrementally; cannot mask prompts")
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    return pieces
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], seq_len: int
+) -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE on prompt tokens), truncated to ``seq_len``."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in segments(tokenizer, messages):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trained else [IGNORE] * len(ids)
+    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
+
+
+def tokenize_chats(
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, fingerprint: str
+) -> datasets.Dataset:
+    """Tokenized chats; chats whose answers were truncated away entirely are dropped."""
+    tokenized = ds.map(
+        _tokenize_row,
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+        remove_columns=ds.column_names,
+        new_fingerprint=fingerprint,
+        desc="tokenizing",
+    )
+    return tokenized.filter(
+        lambda row: any(t != IGNORE for t in row["labels"]), new_fingerprint=fingerprint + "-nonempty"
+    )
+
+
+def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list[int]]:
+    return tokenize_chat(tokenizer, row[MESSAGES], seq_len)

@@ -1,0 +1,48 @@
+"""One training run, end to end: model and data in, trained Hugging Face folder and summary out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from satrun.config import TrainConfig
+from satrun.data import build_corpus
+from satrun.errors import UsageError
+from satrun.models import load_model, load_tokenizer, max_sequence_length
+from satrun.training import runtime
+from satrun.training.display import make_display, print_summary
+from satrun.training.metrics import write_summary
+from satrun.training.saving import save_hf_folder
+from satrun.training.trainer import train
+
+
+def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Train as configured, writing metrics.jsonl, summary.json and final/ into ``run_dir``."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    display = make_display(cfg.trainer.progress)
+    display.message(f"run folder: {run_dir}")
+    runtime.resolve_device(cfg.trainer.device)  # fail on a bad device before loading anything
+    runtime.seed_everything(cfg.trainer.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    limit = max_sequence_length(model)
+    if limit is not None and cfg.trainer.seq_len > limit:
+        raise UsageError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model={cfg.model.name}'s maximum of {limit} positions")
+    corpus = build_corpus(
+        cfg.data, cfg.mode.name, tokenizer, cfg.trainer.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.seed
+    )
+    display.message(
+        f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+        f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
+    )
+
+    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display)
+    final_dir = save_hf_folder(model, tokenizer, run_dir / "final")
+    summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started)
+    write_summary(run_dir / "summary.json", summary)
+    print_summary(summary)
+    display.message(f"run folder: {run_dir}")
+    return summary

@@ -1,0 +1,107 @@
+"""What the user sees while training: a progress bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Protocol
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+log = logging.getLogger("satrun")
+
+
+class Display(Protocol):
+    def start(self, total_steps: int, first_step: int) -> None: ...
+    def train(self, record: dict[str, Any]) -> None: ...
+    def eval(self, record: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+def _train_line(r: dict[str, Any]) -> str:
+    return (
+        f"step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.2e} grad_norm {r['grad_norm']:.3f} "
+        f"tokens/s {r['tokens_per_s']:.0f}"
+    )
+
+
+class LogDisplay:
+    """One line per logged step, through the logging system (console and the run's log file)."""
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.total = total_steps
+
+    def train(self, record: dict[str, Any]) -> None:
+        log.info("%s/%d %s", record["step"], self.total, _train_line(record).split(" ", 2)[2])
+
+    def eval(self, record: dict[str, Any]) -> None:
+        log.info("eval step %d loss %.4f ppl %.2f", record["step"], record["eval_loss"], record["eval_ppl"])
+
+    def message(self, text: str) -> None:
+        log.info(text)
+
+    def close(self) -> None:
+        pass
+
+
+class BarDisplay:
+    """A rich progress bar with loss, tokens/s and ETA; evaluations print above it."""
+
+    def __init__(self) -> None:
+        self.console = Console()
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}  tok/s {task.fields[tps]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total_steps, completed=first_step, loss="-", tps="-")
+
+    def train(self, record: dict[str, Any]) -> None:
+        self.progress.update(
+            self.task, completed=record["step"], loss=f"{record['loss']:.4f}", tps=f"{record['tokens_per_s']:.0f}"
+        )
+
+    def eval(self, record: dict[str, Any]) -> None:
+        self.console.print(f"eval step {record['step']}: loss {record['eval_loss']:.4f} ppl {record['eval_ppl']:.2f}")
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_display(mode: str) -> Display:
+    """``auto`` shows a bar only when stdout is a terminal, so log files get no bar spam."""
+    use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+    return BarDisplay() if use_bar else LogDisplay()
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    table = Table(title="satrun summary", show_header=False)
+    rows = [
+        ("steps", f"{summary['steps']}"),
+        ("tokens (labelled)", f"{summary['tokens']:,}"),
+        ("train loss", f"{summary['train_loss']:.4f}"),
+        ("eval loss (start -> end)", f"{summary['initial_eval_loss']:.4f} -> {summary['eval_loss']:.4f}"),
+        ("eval perplexity", f"{summary['eval_ppl']:.2f}"),
+        ("tokens/s", f"{summary['tokens_per_s']:.0f}"),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+    ]
+    if summary.get("peak_mem_bytes"):
+        rows.append(("peak memory", f"{summary['peak_mem_bytes'] / 2**30:.2f} GiB"))
+    rows.append(("final model", str(summary["final_dir"])))
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
