@@ -80,7 +80,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     _quiet_libraries()
     try:
         return _run_hydra(COMMANDS[command][1], command, rest)
-    except (UsageError, Exception) as exc:
+    except Exception as exc:
         if os.environ.get("SATRUN_DEBUG"):
             raise
         if isinstance(exc, UsageError) or _is_config_error(exc):
