@@ -126,7 +126,8 @@ def from_dict(raw: Any) -> TrainConfig:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        raise UsageError(f"invalid config: {str(exc).splitlines()[0]}") from exc
+        key = getattr(exc, "full_key", None)
+        raise UsageError(f"invalid config{f' at {key}' if key else ''}: {str(exc).splitlines()[0]}") from exc
     assert isinstance(cfg, TrainConfig)
     validate(cfg)
     return cfg

@@ -57,12 +57,31 @@ def _is_config_error(exc: BaseException) -> bool:
 
 
 def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
+    """Run ``task`` under Hydra; a failed job's exception is re-raised here once Hydra is done.
+
+    Catching inside the job keeps Hydra from printing its own report, and lets the other jobs
+    of a sweep run.
+    """
     import hydra
 
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us; we decide how they are shown
+    failures: list[Exception] = []
+
+    def job(cfg):  # type: ignore[no-untyped-def]
+        try:
+            return task(cfg)
+        except Exception as exc:
+            if os.environ.get("SATRUN_DEBUG"):
+                raise
+            failures.append(exc)
+            return None
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not printouts
     sys.argv = [f"satrun {name}", *args]
-    app = hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(task)
-    app()
+    hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
+    for exc in failures[:-1]:
+        print(f"satrun {name}: job failed: {_one_line(exc)}", file=sys.stderr)
+    if failures:
+        raise failures[-1]
     return 0
 
 

@@ -115,11 +115,11 @@ def train(
         display.eval(record)
         state.eval_history.append(record)
 
-    run_eval()
-    display.start(trainer.max_steps, state.step)
     interval_loss = torch.zeros((), device=device)
     interval_steps, interval_tokens, interval_s = 0, 0, 0.0
     try:
+        run_eval()
+        display.start(trainer.max_steps, state.step)
         while state.step < trainer.max_steps:
             extra: dict[str, Any] = {}
             for hook in hooks:
@@ -130,7 +130,7 @@ def train(
             started = time.perf_counter()
             micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
             tokens = sum(label_tokens(b) for b in micro_batches)
-            loss, grad_norm = _guarded_step(model, optimizer, micro_batches, optim.grad_clip, amp, trainer, state.step)
+            loss, grad_norm = train_step(model, optimizer, micro_batches, optim.grad_clip, amp)
             interval_loss += loss
             state.step += 1
             interval_steps += 1
@@ -165,6 +165,13 @@ def train(
             if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
                 run_eval()
         run_eval()
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if not runtime.is_out_of_memory(exc):
+            raise
+        raise UsageError(
+            f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
+            f"in memory (step {state.step}); lower trainer.micro_batch_size and raise trainer.grad_accum"
+        ) from None
     finally:
         display.close()
         metrics.close()
@@ -186,25 +193,4 @@ def train(
 
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def _guarded_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[Batch],
-    grad_clip: float,
-    amp: Any,
-    trainer: TrainerConfig,
-    step: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step; running out of memory becomes a usage error that names the settings to change."""
-    try:
-        return train_step(model, optimizer, micro_batches, grad_clip, amp)
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
-        if not runtime.is_out_of_memory(exc):
-            raise
-        raise UsageError(
-            f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
-            f"in memory (step {step}); lower trainer.micro_batch_size and raise trainer.grad_accum"
-        ) from None
 

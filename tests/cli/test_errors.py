@@ -1,0 +1,59 @@
+"""Bad input: one line on stderr, exit status 2, no traceback, never a half-written final/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import TINY
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_JSONL = '{"text": "fine"}\n{"text": \n'
+
+CASES = {
+    "unknown key": (lambda d: ["trainer.max_stepz=3"], "max_stepz"),
+    "unknown group option": (lambda d: ["model=nope"], "nope"),
+    "wrong type": (lambda d: ["trainer.max_steps=many"], "max_steps"),
+    "missing model": (lambda d: ["model=llama2-7b", f"model.path={d}/no-such-model"], "model.path"),
+    "missing data file": (lambda d: ["data=text", f"data.path={d}/missing.txt"], "missing.txt"),
+    "empty dataset": (lambda d: ["data=text", f"data.path={write(d, 'empty.txt', '')}"], "empty"),
+    "malformed jsonl": (
+        lambda d: ["data=jsonl", "data.path=" + write(d, "bad.jsonl", BAD_JSONL)],
+        "bad.jsonl:2",
+    ),
+    "sft on plain text": (lambda d: ["mode=sft"], "mode=sft"),
+    "seq_len too long": (lambda d: ["trainer.seq_len=4096"], "trainer.seq_len=4096"),
+    "invalid value": (lambda d: ["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line(satrun, tmp_path: Path, case: str) -> None:
+    make_args, expected = CASES[case]
+    result = satrun("train", *TINY, *make_args(tmp_path), "hydra.run.dir=run")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("satrun train: error:"), result.stderr
+    assert expected in errors[0]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_micro_batch_that_does_not_fit_exits_2(satrun, tmp_path: Path) -> None:
+    """Under a 6 GiB address-space limit the logits of 64 x 1024 tokens (12 GiB) cannot be allocated."""
+    result = satrun("train", *TINY, "trainer.seq_len=1024", "trainer.micro_batch_size=64", "hydra.run.dir=run",
+                    memory_limit=6 * 2**30)
+    assert result.returncode == 2, (result.stdout, result.stderr[-3000:])
+    assert "trainer.micro_batch_size=64" in result.stderr and "does not fit" in result.stderr
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_unknown_command_exits_2(satrun) -> None:
+    result = satrun("trian")
+    assert result.returncode == 2 and "unknown command" in result.stderr
