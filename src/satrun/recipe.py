@@ -39,8 +39,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
     )
 
-    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display)
-    final_dir = save_hf_folder(model, tokenizer, run_dir / "final")
+    def save_model(folder: Path) -> Path:
+        return save_hf_folder(model, tokenizer, folder)
+
+    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=save_model)
+    final_dir = save_model(run_dir / "final")
     summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started)
     write_summary(run_dir / "summary.json", summary)
     print_summary(summary)

@@ -43,9 +43,11 @@ def check_final_model(final: Path) -> None:
 
 
 def test_cpt_run_writes_complete_run_folder(satrun, tmp_path: Path) -> None:
-    result = satrun("train", *TINY, "hydra.run.dir=run")
+    result = satrun("train", *TINY, "trainer.save_every=2", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_2"]
+    assert (run / "checkpoints" / "step_2" / "model.safetensors").is_file()
     assert str(run) in result.stdout + result.stderr  # the run folder is announced
     summary = check_run_folder(run, steps=4)
     # packed CPT: no padding; every token but the first of a block is predicted

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -94,9 +94,14 @@ def train(
     optim: OptimConfig,
     run_dir: Path,
     display: Display,
+    save_model: Optional[Callable[[Path], Any]] = None,
     hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
-    """Train ``model`` on ``corpus``; returns the run summary (without the saved model's path)."""
+    """Train ``model`` on ``corpus``; returns the run summary.
+
+    ``save_model(folder)`` writes the model; it is called every ``trainer.save_every`` steps
+    with ``run_dir/checkpoints/step_N`` (the final model is the caller's to save).
+    """
     device = runtime.resolve_device(trainer.device)
     amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
     model.to(device).train()
@@ -164,6 +169,8 @@ def train(
 
             if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
                 run_eval()
+            if save_model and trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
+                save_model(run_dir / "checkpoints" / f"step_{state.step}")
         run_eval()
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
