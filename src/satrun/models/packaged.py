@@ -62,6 +62,7 @@ def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's per-tensor bar would flood logs
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
