@@ -161,6 +161,8 @@ def validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise UsageError(f"{key} must be non-negative, got {value}")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise UsageError(f"optim.betas must be two values in [0, 1), got {list(o.betas)}")
     if o.lr <= 0:
         raise UsageError(f"optim.lr must be positive, got {o.lr}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:

@@ -44,7 +44,8 @@ def build_corpus(
     """Read, split (by document/chat, so nothing leaks), tokenize (cached) and pack."""
     raw = load_raw(cfg, mode)
     if len(raw) < 2:
-        raise UsageError(f"data={cfg.name} has a single document; need two or more to hold one out (try data.sample_by=paragraph)")
+        hint = " (try data.sample_by=paragraph)" if cfg.format == "text" and cfg.sample_by == "document" else ""
+        raise UsageError(f"data={cfg.name} has a single document; need two or more to hold one out{hint}")
     n_eval = max(1, round(cfg.eval_fraction * len(raw)))
     split = raw.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     tok = _tokenizer_id(tokenizer)

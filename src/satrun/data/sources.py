@@ -95,6 +95,8 @@ def _load_user_data(cfg: DataConfig) -> datasets.Dataset:
         if cfg.format == "hub":
             return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split)
         files = _files(cfg)
+        if all(Path(f).stat().st_size == 0 for f in files):
+            raise UsageError(f"data={cfg.name} is empty ({cfg.path})")
         if cfg.format == "text":
             return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train")
         if cfg.format == "jsonl":
@@ -105,7 +107,15 @@ def _load_user_data(cfg: DataConfig) -> datasets.Dataset:
     except UsageError:
         raise
     except Exception as exc:  # datasets raises many types; all mean "cannot read this data"
-        raise UsageError(f"cannot read data={cfg.name} from {cfg.path!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise UsageError(f"cannot read data={cfg.name} from {cfg.path!r}: {_root_cause(exc)}") from exc
+
+
+def _root_cause(exc: BaseException) -> str:
+    """datasets wraps the real problem ("generating the dataset failed"); name the innermost one."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def check_jsonl(path: str) -> None:

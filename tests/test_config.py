@@ -1,0 +1,212 @@
+"""Config: every Hydra option composes into a valid TrainConfig; from_dict rejects bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import hydra
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from satrun.cli.configs import config_dir
+from satrun.config import DataConfig, ModeConfig, ModelConfig, TrainConfig, from_dict
+from satrun.errors import UsageError
+
+CONF = Path(config_dir())
+# Discovered from the files, so a new option is covered without touching this test.
+OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
+DEFAULTS = {
+    k: v
+    for entry in yaml.safe_load((CONF / "train.yaml").read_text(encoding="utf-8"))["defaults"]
+    if isinstance(entry, dict)
+    for k, v in entry.items()
+}
+NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups whose option sets `name`
+
+
+@pytest.fixture(scope="module")
+def compose():
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda *overrides: hydra.compose("train", overrides=list(overrides))
+
+
+def _typed(compose, *overrides: str) -> TrainConfig:
+    """from_dict of the composed config, adding a placeholder path where validation asks for one."""
+    overrides = list(overrides)
+    for _ in range(3):
+        try:
+            return from_dict(compose(*overrides))
+        except UsageError as exc:
+            missing = [k for k in ("data.path", "model.path") if k in str(exc) and f"{k}=x" not in overrides]
+            if not missing:
+                raise
+            overrides.append(f"{missing[0]}=x")
+    raise AssertionError("unreachable")
+
+
+def test_options_are_discovered():
+    groups = {g for g, _ in OPTIONS}
+    assert {"model", "data", "mode", "optim"} <= groups
+    assert ("model", "tiny") in OPTIONS and ("data", "chatterbot") in OPTIONS and ("mode", "sft") in OPTIONS
+    assert set(DEFAULTS) == groups
+    assert all((g, o) in OPTIONS for g, o in DEFAULTS.items())
+
+
+def test_default_config_composes(compose):
+    cfg = from_dict(compose())
+    assert isinstance(cfg, TrainConfig)
+    for group, cls in NAMED.items():
+        assert getattr(cfg, group).name == DEFAULTS[group]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(compose, group, option):
+    raw = compose(f"{group}={option}")
+    assert "hydra" not in raw
+    cfg = _typed(compose, f"{group}={option}")
+    assert isinstance(cfg, TrainConfig)
+    for g, cls in NAMED.items():
+        section = getattr(cfg, g)
+        assert isinstance(section, cls)
+        assert section.name == (option if g == group else DEFAULTS[g])
+    # Every value the option file sets for its own group made it into the typed config. (Values a
+    # global-package option sets in other groups are checked by the dedicated tests below.)
+    text = (CONF / group / f"{option}.yaml").read_text(encoding="utf-8")
+    file_values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+    if "@package _global_" not in text:
+        file_values = {group: file_values}
+    composed = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for key, value in file_values.get(group, {}).items():
+        if value is None:
+            continue  # a placeholder (e.g. data.path) filled in by _typed
+        got = composed[group][key]
+        assert (list(got) if isinstance(got, tuple) else got) == value, f"{group}.{key}"
+
+
+def test_pretrained_models_need_a_path(compose):
+    pretrained = [o for g, o in OPTIONS if g == "model" and compose(f"model={o}").model.get("source") == "pretrained"]
+    assert pretrained
+    for option in pretrained:
+        assert from_dict(compose(f"model={option}")).model.path
+        with pytest.raises(UsageError, match="model.path"):
+            from_dict(compose(f"model={option}", "model.path=null"))
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet", "hub"])
+def test_user_data_needs_a_path(compose, fmt):
+    with pytest.raises(UsageError, match="data.path"):
+        from_dict(compose(f"data={fmt}"))
+    assert from_dict(compose(f"data={fmt}", "data.path=somewhere")).data.path == "somewhere"
+
+
+def test_command_line_values_reach_the_typed_config(compose):
+    cfg = from_dict(compose("model=tiny", "trainer.max_steps=7", "optim.lr=0.01", "optim.betas=[0.8,0.9]"))
+    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.01
+    assert list(cfg.optim.betas) == [0.8, 0.9]
+    with pytest.raises(UsageError, match="trainer.micro_batch_size"):
+        from_dict(compose("trainer.micro_batch_size=0"))
+
+
+def test_from_dict_accepts_plain_dicts_and_defaults():
+    cfg, defaults = from_dict({}), TrainConfig()
+    for section in ("model", "data", "mode", "trainer"):
+        assert getattr(cfg, section) == getattr(defaults, section)
+    assert tuple(cfg.optim.betas) == defaults.optim.betas
+    assert dataclasses.replace(cfg.optim, betas=defaults.optim.betas) == defaults.optim
+    cfg = from_dict({"trainer": {"seq_len": 64}, "model": {"source": "random", "name": "x"}})
+    assert cfg.trainer.seq_len == 64 and cfg.model.source == "random"
+    assert cfg.trainer.micro_batch_size == TrainConfig().trainer.micro_batch_size
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"bogus": 1}, "bogus"),
+        ({"trainer": {"bogus": 1}}, "bogus"),
+        ({"optim": {"learning_rate": 0.1}}, "learning_rate"),
+        ({"data": {"paths": "x"}}, "paths"),
+    ],
+)
+def test_unknown_keys_are_rejected(raw, key):
+    with pytest.raises(UsageError) as info:
+        from_dict(raw)
+    assert repr(key) in str(info.value) or key in str(info.value)
+
+
+WRONG_TYPES = [
+    ({"trainer": {"max_steps": "many"}}, "trainer.max_steps"),
+    ({"optim": {"lr": "fast"}}, "optim.lr"),
+    ({"trainer": {"activation_checkpointing": "maybe"}}, "trainer.activation_checkpointing"),
+    ({"data": {"eval_fraction": "some"}}, "data.eval_fraction"),
+]
+
+
+@pytest.mark.parametrize("raw, key", WRONG_TYPES)
+def test_wrong_types_are_rejected_naming_the_key(raw, key):
+    with pytest.raises(UsageError, match="invalid config") as info:
+        from_dict(raw)
+    assert key in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"trainer": {"micro_batch_size": 0}}, "trainer.micro_batch_size"),
+        ({"trainer": {"max_steps": -3}}, "trainer.max_steps"),
+        ({"trainer": {"seq_len": 0}}, "trainer.seq_len"),
+        ({"trainer": {"eval_every": -1}}, "trainer.eval_every"),
+        ({"trainer": {"precision": "fp16"}}, "trainer.precision"),
+        ({"trainer": {"progress": "spinner"}}, "trainer.progress"),
+        ({"optim": {"schedule": "bogus"}}, "optim.schedule"),
+        ({"optim": {"lr": 0.0}}, "optim.lr"),
+        ({"optim": {"min_lr_ratio": 1.5}}, "optim.min_lr_ratio"),
+        ({"optim": {"warmup_steps": -1}}, "optim.warmup_steps"),
+        ({"optim": {"weight_decay": -0.1}}, "optim.weight_decay"),
+        ({"data": {"eval_fraction": 1.5}}, "data.eval_fraction"),
+        ({"data": {"eval_fraction": 0.0}}, "data.eval_fraction"),
+        ({"data": {"eval_fraction": 1.0}}, "data.eval_fraction"),
+        ({"data": {"format": "csv"}}, "data.format"),
+        ({"data": {"sample_by": "sentence"}}, "data.sample_by"),
+        ({"mode": {"name": "rlhf"}}, "mode.name"),
+        ({"model": {"source": "hub"}}, "model.source"),
+        ({"model": {"source": "pretrained", "path": None}}, "model.path"),
+        ({"data": {"format": "text"}}, "data.path"),
+    ],
+)
+def test_invalid_values_are_rejected_naming_the_key(raw, key):
+    with pytest.raises(UsageError) as info:
+        from_dict(raw)
+    assert key in str(info.value)
+
+
+def test_betas_need_two_values():
+    with pytest.raises(UsageError, match="optim.betas"):
+        from_dict({"optim": {"betas": [0.9]}})
+
+
+def test_mode_sft_sets_mode_name(compose):
+    assert from_dict(compose("mode=sft")).mode.name == "sft"
+    assert from_dict(compose("mode=cpt")).mode.name == "cpt"
+
+
+def test_mode_sft_uses_a_lower_learning_rate(compose):
+    sft, cpt = from_dict(compose("mode=sft")), from_dict(compose("mode=cpt"))
+    assert sft.optim.lr < cpt.optim.lr
+    sft_file = yaml.safe_load((CONF / "mode" / "sft.yaml").read_text(encoding="utf-8"))
+    assert sft.optim.lr == sft_file["optim"]["lr"]
+    assert sft.optim.warmup_steps == sft_file["optim"]["warmup_steps"]
+
+
+def test_explicit_lr_override_wins_in_sft(compose):
+    assert from_dict(compose("mode=sft", "optim.lr=1e-5")).optim.lr == 1e-5
+
+
+def test_dataclass_defaults_validate():
+    # The typed defaults themselves are a valid configuration.
+    cfg = TrainConfig()
+    from satrun.config import validate
+
+    validate(cfg)
+    assert dataclasses.asdict(cfg)["mode"] == {"name": "cpt"}
