@@ -102,8 +102,8 @@ def test_user_data_needs_a_path(compose, fmt):
 
 
 def test_command_line_values_reach_the_typed_config(compose):
-    cfg = from_dict(compose("model=tiny", "trainer.max_steps=7", "optim.lr=0.01", "optim.betas=[0.8,0.9]"))
-    assert cfg.trainer.max_steps == 7 and cfg.optim.lr == 0.01
+    cfg = from_dict(compose("model=tiny", "trainer.max_steps=70", "optim.lr=0.01", "optim.betas=[0.8,0.9]"))
+    assert cfg.trainer.max_steps == 70 and cfg.optim.lr == 0.01
     assert list(cfg.optim.betas) == [0.8, 0.9]
     with pytest.raises(UsageError, match="trainer.micro_batch_size"):
         from_dict(compose("trainer.micro_batch_size=0"))

@@ -13,6 +13,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from satrun.errors import UsageError
+from satrun.sat import schedule
+from satrun.sat.importance import METRICS
+from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
 
 
 @dataclass
@@ -107,6 +110,9 @@ class TrainConfig:
     mode: ModeConfig = field(default_factory=ModeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 _CHOICES = {
@@ -117,6 +123,8 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "trainer.progress": ("auto", "bar", "log"),
+    "metric.name": METRICS,
+    "selector.name": ("topk", "sampling"),
 }
 
 
@@ -173,5 +181,13 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(
             f"model={cfg.model.name} needs its weights: set model.path=<local Hugging Face folder or hub id>"
         )
+    if cfg.selector.temperature <= 0:
+        raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
+    if cfg.selector.align < 1 or cfg.metric.token_stride < 1:
+        raise UsageError("selector.align and metric.token_stride must be at least 1")
+    try:
+        schedule.build_stages(cfg.scheduler, t.max_steps)
+    except schedule.ScheduleError as exc:
+        raise UsageError(str(exc)) from exc
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")

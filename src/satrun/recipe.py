@@ -10,6 +10,7 @@ from satrun.config import TrainConfig
 from satrun.data import build_corpus
 from satrun.errors import UsageError
 from satrun.models import load_model, load_tokenizer, max_sequence_length
+from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.training import runtime
 from satrun.training.display import make_display, print_summary
 from satrun.training.metrics import write_summary
@@ -39,13 +40,40 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
     )
 
+    sparsity = _sparsity(cfg, model)
+    display.message(_describe(cfg, sparsity))
+
     def save_model(folder: Path) -> Path:
         return save_hf_folder(model, tokenizer, folder)
 
-    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=save_model)
+    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=save_model, hooks=[sparsity])
+    overhead = sparsity.overhead_by_stage()
+    for stage in summary["stages"]:
+        stage["select_share"] = overhead.get(stage["name"], 0.0) / stage["total_s"] if stage["total_s"] else 0.0
+    if sparsity.sparsifier is not None:
+        sparsity.sparsifier.remove()
     final_dir = save_model(run_dir / "final")
     summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started)
     write_summary(run_dir / "summary.json", summary)
     print_summary(summary)
     display.message(f"run folder: {run_dir}")
     return summary
+
+
+def _sparsity(cfg: TrainConfig, model) -> ScheduledSparsity:  # type: ignore[no-untyped-def]
+    """The schedule's hook; the model is only modified if some stage omits neurons."""
+    stages = build_stages(cfg.scheduler, cfg.trainer.max_steps)
+    if all(stage.dense for stage in stages):
+        return ScheduledSparsity(stages, None)
+    try:
+        sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed)
+    except (UnsupportedModel, ValueError) as exc:
+        raise UsageError(f"scheduler={cfg.scheduler.name}: {exc} (use scheduler=dense)") from exc
+    return ScheduledSparsity(stages, sparsifier)
+
+
+def _describe(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:
+    if sparsity.sparsifier is None:
+        return "SAT off: dense training (scheduler=dense)"
+    plan = ", ".join(f"{s.name} {s.steps} steps @ {s.mlp_rate:.2f}/{s.attn_rate:.2f}" for s in sparsity.stages)
+    return f"SAT: metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import pytest
 
 # A short, cheap run of the tiny random model: what the end-to-end tests vary from.
-TINY = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=2",
+TINY = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=10", "trainer.log_every=2", "trainer.eval_every=5",
         "trainer.eval_batches=2"]
 
 

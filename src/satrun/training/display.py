@@ -22,9 +22,12 @@ class Display(Protocol):
 
 
 def _train_line(r: dict[str, Any]) -> str:
+    stage = f" stage {r['stage']}" if "stage" in r else ""
+    if "mlp_rate" in r:
+        stage += f" (rate {r['mlp_rate']:.2f}/{r['attn_rate']:.2f})"
     return (
         f"step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.2e} grad_norm {r['grad_norm']:.3f} "
-        f"tokens/s {r['tokens_per_s']:.0f}"
+        f"tokens/s {r['tokens_per_s']:.0f}{stage}"
     )
 
 
@@ -104,4 +107,16 @@ def print_summary(summary: dict[str, Any]) -> None:
     rows.append(("final model", str(summary["final_dir"])))
     for key, value in rows:
         table.add_row(key, value)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    stages = summary.get("stages") or []
+    if any("mlp_rate" in stage for stage in stages):
+        per_stage = Table(title="throughput per stage")
+        for column in ("stage", "steps", "mlp/attn rate", "tokens/s", "s/step", "scoring+selection"):
+            per_stage.add_column(column, justify="left" if column == "stage" else "right")
+        for st in stages:
+            per_stage.add_row(
+                st["name"], str(st["steps"]), f"{st['mlp_rate']:.2f}/{st['attn_rate']:.2f}",
+                f"{st['tokens_per_s']:.0f}", f"{st['step_s']:.3f}", f"{100 * st.get('select_share', 0.0):.1f}%",
+            )
+        console.print(per_stage)

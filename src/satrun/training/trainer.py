@@ -33,7 +33,7 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: int) -> tor
     Dividing every micro-batch by the step's total label count makes gradient accumulation
     weigh each token equally, however the tokens fall into micro-batches.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
     targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # shift labels, not logits: no copy
     loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss / normalizer
@@ -85,6 +85,21 @@ class RunState:
     train_s: float = 0.0
     train_loss: float = float("nan")
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    step_log: list[tuple[str, float, int]] = field(default_factory=list)  # (stage, seconds, tokens) per step
+    stage_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class Interval:
+    """The steps since the last train record; a record never spans two stages."""
+
+    loss: torch.Tensor
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    lr: float = 0.0
+    grad_norm: Optional[torch.Tensor] = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 def train(
@@ -100,18 +115,21 @@ def train(
     """Train ``model`` on ``corpus``; returns the run summary.
 
     ``save_model(folder)`` writes the model; it is called every ``trainer.save_every`` steps
-    with ``run_dir/checkpoints/step_N`` (the final model is the caller's to save).
+    with ``run_dir/checkpoints/step_N`` (the final model is the caller's to save). Each hook is
+    called before every step with the step number; the fields it returns go into the train
+    records, and a ``stage`` field groups the steps for the per-stage throughput report.
     """
     device = runtime.resolve_device(trainer.device)
     amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
     model.to(device).train()
     if trainer.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        runtime.enable_activation_checkpointing(model)
     optimizer = build_optimizer(model, optim)
     stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed)
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
     metrics = MetricsFile(run_dir / "metrics.jsonl")
     state = RunState()
+    interval = Interval(loss=torch.zeros((), device=device))
 
     def run_eval() -> None:
         loss = evaluate(model, held_out, amp)
@@ -120,53 +138,60 @@ def train(
         display.eval(record)
         state.eval_history.append(record)
 
-    interval_loss = torch.zeros((), device=device)
-    interval_steps, interval_tokens, interval_s = 0, 0, 0.0
+    def log_interval() -> None:
+        state.train_loss = float(interval.loss) / interval.steps
+        record = {
+            "kind": "train",
+            "step": state.step,
+            "loss": state.train_loss,
+            "lr": interval.lr,
+            "grad_norm": float(interval.grad_norm) if interval.grad_norm is not None else float("nan"),
+            "tokens": state.tokens,
+            "padded_tokens": state.padded_tokens,
+            "tokens_per_s": interval.tokens / interval.seconds,
+            "elapsed_s": state.train_s,
+            **interval.fields,
+        }
+        metrics.write(record)
+        display.train(record)
+        interval.loss.zero_()
+        interval.steps, interval.tokens, interval.seconds = 0, 0, 0.0
+
     try:
         run_eval()
         display.start(trainer.max_steps, state.step)
         while state.step < trainer.max_steps:
-            extra: dict[str, Any] = {}
+            fields: dict[str, Any] = {}
             for hook in hooks:
-                extra.update(hook(state.step))
+                fields.update(hook(state.step))
+            if interval.steps and fields != interval.fields:
+                log_interval()
+            interval.fields = fields
+            state.stage_fields.setdefault(fields.get("stage", "train"), fields)
             lr = lr_at(state.step, optim, trainer.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+
             started = time.perf_counter()
             micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
             tokens = sum(label_tokens(b) for b in micro_batches)
             loss, grad_norm = train_step(model, optimizer, micro_batches, optim.grad_clip, amp)
-            interval_loss += loss
+            runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
+            seconds = time.perf_counter() - started
+
             state.step += 1
-            interval_steps += 1
-            interval_tokens += tokens
             state.tokens += tokens
             state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+            state.train_s += seconds
+            state.step_log.append((fields.get("stage", "train"), seconds, tokens))
+            interval.loss += loss
+            interval.steps += 1
+            interval.tokens += tokens
+            interval.seconds += seconds
+            interval.lr, interval.grad_norm = lr, grad_norm
 
             if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
-                runtime.synchronize(device)  # .item() below waits anyway; make the timing include it
-                interval_s += time.perf_counter() - started
-                state.train_s += interval_s
-                state.train_loss = float(interval_loss) / interval_steps
-                record = {
-                    "kind": "train",
-                    "step": state.step,
-                    "loss": state.train_loss,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens": state.tokens,
-                    "padded_tokens": state.padded_tokens,
-                    "tokens_per_s": interval_tokens / interval_s,
-                    "elapsed_s": state.train_s,
-                    **extra,
-                }
-                metrics.write(record)
-                display.train(record)
-                interval_loss.zero_()
-                interval_steps, interval_tokens, interval_s = 0, 0, 0.0
-            else:
-                interval_s += time.perf_counter() - started
-
+                log_interval()
             if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
                 run_eval()
             if save_model and trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
@@ -193,11 +218,31 @@ def train(
         "eval_ppl": state.eval_history[-1]["eval_ppl"],
         "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
         "train_s": state.train_s,
+        "stages": stage_summary(state.step_log, state.stage_fields),
         "peak_mem_bytes": runtime.peak_memory_bytes(device),
         "device": str(device),
     }
 
 
+def stage_summary(step_log: Sequence[tuple[str, float, int]], stage_fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Throughput per stage, in order. The first steps of a stage (min(2, steps // 4)) are
+    warm-up and left out of its means; ``total_s`` counts every step."""
+    stages: list[dict[str, Any]] = []
+    for name in dict.fromkeys(stage for stage, _, _ in step_log):
+        steps = [(s, t) for stage, s, t in step_log if stage == name]
+        measured = steps[min(2, len(steps) // 4) :]
+        seconds = sum(s for s, _ in measured)
+        extra = {k: v for k, v in stage_fields.get(name, {}).items() if k != "stage"}
+        stages.append({
+            "name": name,
+            "steps": len(steps),
+            **extra,
+            "tokens_per_s": sum(t for _, t in measured) / seconds if seconds else 0.0,
+            "step_s": seconds / len(measured) if measured else 0.0,
+            "total_s": sum(s for s, _ in steps),
+        })
+    return stages
+
+
 def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-

@@ -1,0 +1,83 @@
+"""Omission-rate schedules: dense, constant, and the ladder (LORS) that ends fully dense."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from satrun.sat.settings import SchedulerConfig
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be laid out over the run."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Steps [start, end) trained at the given omission rates."""
+
+    name: str
+    start: int
+    end: int
+    mlp_rate: float
+    attn_rate: float
+
+    @property
+    def steps(self) -> int:
+        return self.end - self.start
+
+    @property
+    def dense(self) -> bool:
+        return self.mlp_rate == 0.0 and self.attn_rate == 0.0
+
+
+def validate(cfg: SchedulerConfig) -> None:
+    if cfg.name not in ("dense", "constant", "ladder"):
+        raise ScheduleError(f"scheduler.name={cfg.name!r} is not one of: dense, constant, ladder")
+    for key, value in (("scheduler.rate", cfg.rate), ("scheduler.attn_rate", cfg.attn_rate)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ScheduleError(f"{key}={value} must be in [0, 1)")
+    for key, value in (("scheduler.sparse_fraction", cfg.sparse_fraction), ("scheduler.dense_fraction", cfg.dense_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ScheduleError(f"{key}={value} must be in [0, 1]")
+    if cfg.name == "ladder":
+        if cfg.ladder_steps < 0:
+            raise ScheduleError(f"scheduler.ladder_steps={cfg.ladder_steps} must be non-negative")
+        if cfg.sparse_fraction + cfg.dense_fraction > 1.0:
+            raise ScheduleError(
+                f"scheduler.sparse_fraction + scheduler.dense_fraction = {cfg.sparse_fraction + cfg.dense_fraction:g} exceeds the run (1.0)"
+            )
+
+
+def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
+    """The run's stages in order; they cover steps 0 .. max_steps - 1 exactly."""
+    validate(cfg)
+    mlp = cfg.rate
+    attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
+    if cfg.name == "dense" or (mlp == 0.0 and attn == 0.0):
+        return [Stage("dense", 0, max_steps, 0.0, 0.0)]
+    if cfg.name == "constant":
+        return [Stage("sparse", 0, max_steps, mlp, attn)]
+    sparse_end = round(cfg.sparse_fraction * max_steps)
+    dense_start = max_steps - round(cfg.dense_fraction * max_steps)
+    n = cfg.ladder_steps
+    ladder_len = dense_start - sparse_end
+    if sparse_end < 1 or (n and ladder_len < n):
+        raise ScheduleError(
+            f"a ladder of {n} steps after {sparse_end} sparse steps does not fit in trainer.max_steps={max_steps}; "
+            "raise trainer.max_steps or lower scheduler.ladder_steps"
+        )
+    stages = [Stage("sparse", 0, sparse_end, mlp, attn)]
+    bounds = [sparse_end + round(i * ladder_len / n) for i in range(n + 1)] if n else [sparse_end]
+    for i in range(n):
+        keep = (n - i) / (n + 1)  # ladder rung i+1 of n: rate * n/(n+1), ..., rate * 1/(n+1)
+        stages.append(Stage(f"ladder-{i + 1}", bounds[i], bounds[i + 1], mlp * keep, attn * keep))
+    if bounds[-1] < max_steps:
+        stages.append(Stage("dense", bounds[-1], max_steps, 0.0, 0.0))
+    return [s for s in stages if s.steps > 0]
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    for stage in stages:
+        if stage.start <= step < stage.end:
+            return stage
+    return stages[-1]

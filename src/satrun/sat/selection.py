@@ -1,0 +1,41 @@
+"""Choosing which neurons to keep, given their importance scores.
+
+Scores come as a 2-D tensor ``[groups, n]``: one row per independent choice (one row for MLP
+channels; one row per key/value group for heads under grouped-query attention), and the same
+number ``k`` is kept in every row. Indices come back sorted, which keeps weight gathers local.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def kept_count(n: int, rate: float, align: int = 1) -> int:
+    """How many of ``n`` neurons to keep at omission ``rate``: round((1 - rate) * n), at least one,
+    rounded to a multiple of ``align`` when that is possible (matrix units like multiples of 64)."""
+    k = round((1.0 - rate) * n)
+    if align > 1 and n >= align:
+        k = align * round(k / align)
+    return int(min(n, max(1 if align <= 1 or n < align else align, k)))
+
+
+def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` highest scores of each row."""
+    return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def sample(scores: torch.Tensor, k: int, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """``k`` distinct neurons per row drawn without replacement from softmax(s / max(s) / temperature).
+
+    Scores are divided by their row maximum first, so the temperature means the same thing for
+    every metric, layer and scale (all metrics give non-negative scores). The draw uses the
+    Gumbel-top-k trick: adding Gumbel noise to the logits and keeping the top k is an exact sample
+    of k items without replacement, in one vectorised pass.
+    """
+    scores = scores.float()
+    peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    logits = scores / peak / temperature
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0)
+    return topk(logits - torch.log(-torch.log(uniform)), k)

@@ -1,0 +1,42 @@
+"""Settings of the SAT method: which importance metric, which selector, which omission schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class MetricConfig:
+    """How neurons are scored (see docs/method.md for each formula and its cost)."""
+
+    name: str = "wanda"  # random | magnitude | wanda | maxip
+    token_stride: int = 16  # maxip scores every token_stride-th token of the micro-batch
+
+
+@dataclass
+class SelectorConfig:
+    """How the kept neurons are chosen from their scores."""
+
+    name: str = "sampling"  # topk | sampling
+    temperature: float = 0.05  # sampling: softmax(s / max(s) / temperature)
+    align: int = 1  # kept MLP channels are rounded to a multiple of this (e.g. 64 on GPUs)
+
+
+@dataclass
+class SchedulerConfig:
+    """Omission rate over training, and where it applies.
+
+    dense: rate 0 throughout (the model is not touched). constant: ``rate`` throughout.
+    ladder (LORS): ``rate`` for the first ``sparse_fraction`` of steps, then ``ladder_steps``
+    equal stages whose rate falls by rate / (ladder_steps + 1) each, then dense for the last
+    ``dense_fraction`` of steps.
+    """
+
+    name: str = "ladder"  # dense | constant | ladder
+    rate: float = 0.5  # omission rate of MLP channels
+    attn_rate: Optional[float] = None  # omission rate of attention heads; None = rate
+    sparse_fraction: float = 0.5
+    ladder_steps: int = 4
+    dense_fraction: float = 0.1
+    layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all

@@ -1,0 +1,223 @@
+"""Make a Hugging Face causal LM train on a per-step subset of its heads and MLP channels.
+
+``Sparsifier(model, ...)`` patches the ``forward`` of each chosen decoder layer's attention and
+MLP *instances* (no module is replaced, so parameter names, shapes and the state dict stay the
+model's own, and checkpoints stay plain Hugging Face checkpoints). ``set_rates`` sets the
+omission rates for the next optimizer step; at rate 0, in eval mode, or with a KV cache, the
+original forward runs unchanged. ``remove`` restores the model.
+
+Each training forward scores the layer's neurons on that micro-batch's input, selects the kept
+ones, and computes only them (``sparse_ops``). A forward re-run by activation checkpointing during
+backward reuses the selection of the original forward.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from satrun.sat import importance, selection
+from satrun.sat.settings import MetricConfig, SelectorConfig
+from satrun.sat.sparse_ops import gathered_linear, sparse_swiglu
+
+
+class UnsupportedModel(ValueError):
+    """The model's layers are not of the Llama family (Llama, Mistral, Qwen2, ...)."""
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. during activation-checkpoint recompute."""
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _LayerSlot:
+    """What a patched module needs: its controller, its layer index, its last selection."""
+
+    owner: "Sparsifier"
+    layer: int
+    last: Any = None
+
+
+@dataclass
+class Sparsifier:
+    model: torch.nn.Module = field(repr=False)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    layers: Optional[list[int]] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.metric.name not in importance.METRICS:
+            raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
+        if self.selector.name not in ("topk", "sampling"):
+            raise ValueError(f"selector.name={self.selector.name!r} is not one of: topk, sampling")
+        decoder = _decoder_layers(self.model)
+        chosen = range(len(decoder)) if self.layers is None else self.layers
+        bad = [i for i in chosen if not 0 <= i < len(decoder)]
+        if bad:
+            raise ValueError(f"scheduler.layers: {bad} outside the model's {len(decoder)} layers")
+        self.mlp_rate = self.attn_rate = 0.0
+        self.step = 0
+        self.select_s = 0.0  # wall time spent scoring and selecting, since creation
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._patched: list[torch.nn.Module] = []
+        # Training needs no KV cache, and a cache of a subset of heads would be wrong: switch it off.
+        self._use_cache = getattr(self.model.config, "use_cache", None)
+        self.model.config.use_cache = False
+        for i in chosen:
+            layer = decoder[i]
+            _check_layer(layer, i)
+            for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, _attention_forward)):
+                module._sat = _LayerSlot(self, i)
+                module.forward = types.MethodType(forward, module)
+                self._patched.append(module)
+
+    def set_rates(self, mlp_rate: float, attn_rate: float, step: int) -> None:
+        """Omission rates for optimizer step ``step``; selections are seeded by (seed, step)."""
+        self.mlp_rate, self.attn_rate, self.step = mlp_rate, attn_rate, step
+        self._generators.clear()
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.step)
+        return self._generators[device]
+
+    def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
+        if self.selector.name == "topk":
+            return selection.topk(scores, k)
+        return selection.sample(scores, k, self.selector.temperature, self.generator(device))
+
+    def last_selection(self, layer: int) -> dict[str, Optional[torch.Tensor]]:
+        """The kept channels and heads of ``layer`` in its latest sparse forward (None if dense)."""
+        found = {"channels": None, "heads": None}
+        for module in self._patched:
+            if module._sat.layer == layer:
+                key = "channels" if hasattr(module, "gate_proj") else "heads"
+                found[key] = module._sat.last if module._sat.last is None else module._sat.last[0]
+        return found
+
+    def remove(self) -> None:
+        for module in self._patched:
+            del module.forward, module._sat
+        self._patched.clear()
+        self.model.config.use_cache = self._use_cache
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise UnsupportedModel(f"{type(model).__name__}: no decoder layers at model.layers")
+    return layers
+
+
+def _check_layer(layer: torch.nn.Module, index: int) -> None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    if attn is None or not all(hasattr(attn, n) for n in names) or not hasattr(attn, "head_dim"):
+        raise UnsupportedModel(f"layer {index}: attention is not Llama-style (q/k/v/o projections)")
+    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise UnsupportedModel(f"layer {index}: MLP is not a gated (SwiGLU) MLP")
+    if getattr(mlp.config, "hidden_act", "silu") != "silu" or mlp.gate_proj.bias is not None:
+        raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
+
+
+# --- patched forwards: ``self`` is the model's own MLP / attention module ----------------------
+
+
+def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    slot: _LayerSlot = self._sat
+    owner = slot.owner
+    if not self.training or owner.mlp_rate == 0.0:
+        return type(self).forward(self, x)
+    if not _in_backward() or slot.last is None:
+        started = time.perf_counter()
+        with torch.no_grad():
+            flat = x.detach().reshape(-1, x.shape[-1])
+            scores = importance.channel_scores(
+                owner.metric.name, flat, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                owner.metric.token_stride, owner.generator(x.device),
+            )
+            k = selection.kept_count(scores.numel(), owner.mlp_rate, owner.selector.align)
+            slot.last = (owner.choose(scores[None], k, x.device)[0],)
+        owner.select_s += time.perf_counter() - started
+    return sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
+
+
+def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(kept query heads, KV heads they need, each kept query head's position among those KV heads).
+
+    Query heads are chosen freely, so the kept count is exact for any head count. Under
+    grouped-query attention a KV head is computed only if one of its query heads is kept, and
+    keys/values are then expanded to one per kept query head (as the dense path's repeat_kv does).
+    """
+    owner: Sparsifier = module._sat.owner
+    d = module.head_dim
+    n_q, n_kv = module.q_proj.weight.shape[0] // d, module.k_proj.weight.shape[0] // d
+    flat = x.detach().reshape(-1, x.shape[-1])
+    scores = importance.head_scores(
+        owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.o_proj.weight, d,
+        owner.metric.token_stride, owner.generator(x.device),
+    )
+    heads = owner.choose(scores[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
+    if n_q == n_kv:
+        return heads, heads, None
+    groups = torch.div(heads, n_q // n_kv, rounding_mode="floor")
+    kv_heads = torch.unique(groups)
+    return heads, kv_heads, torch.searchsorted(kv_heads, groups)
+
+
+def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def _attention_forward(
+    self: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    slot: _LayerSlot = self._sat
+    owner = slot.owner
+    cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+    if not self.training or owner.attn_rate == 0.0 or cached:
+        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    if not _in_backward() or slot.last is None:
+        started = time.perf_counter()
+        with torch.no_grad():
+            q_heads, kv_heads, kv_of_q = _select_heads(self, hidden_states)
+            slot.last = (q_heads, _rows(q_heads, self.head_dim), _rows(kv_heads, self.head_dim), kv_of_q)
+        owner.select_s += time.perf_counter() - started
+    _, q_rows, kv_rows, kv_of_q = slot.last
+    batch, length, _ = hidden_states.shape
+    d = self.head_dim
+    q = gathered_linear(hidden_states, self.q_proj.weight, self.q_proj.bias, q_rows, 0)
+    k = gathered_linear(hidden_states, self.k_proj.weight, self.k_proj.bias, kv_rows, 0)
+    v = gathered_linear(hidden_states, self.v_proj.weight, self.v_proj.bias, kv_rows, 0)
+    q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
+    modeling = sys.modules[type(self).__module__]
+    cos, sin = position_embeddings
+    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    if kv_of_q is not None:
+        k, v = k.index_select(1, kv_of_q), v.index_select(1, kv_of_q)
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
+    view = types.SimpleNamespace(  # the module as the attention kernel sees it: fewer heads
+        num_key_value_groups=1, is_causal=True, training=True, config=self.config,
+        layer_idx=getattr(self, "layer_idx", None), head_dim=d, scaling=self.scaling,
+    )
+    extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
+    out, weights = attend(
+        view, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **extra, **kwargs
+    )
+    out = out.reshape(batch, length, -1).contiguous()
+    return gathered_linear(out, self.o_proj.weight, self.o_proj.bias, q_rows, 1), weights

@@ -1,0 +1,136 @@
+"""The sparse computation is exact: it equals a dense model whose omitted neurons output zero."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from satrun.training.runtime import enable_activation_checkpointing
+from satrun.sat.settings import MetricConfig, SelectorConfig
+from satrun.sat.sparsifier import Sparsifier
+from tests.sat.models import ARCHITECTURES, build
+
+TOL = 1e-5
+
+
+def batch(vocab: int = 97, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 24), generator=g)
+    return ids, ids.clone()
+
+
+def loss_and_grads(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return out.logits.detach(), grads
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    diff = (a - b).abs().max().item()
+    assert diff <= TOL, f"{what}: max abs diff {diff:.2e}"
+
+
+def masked_reference(model: torch.nn.Module, keep: dict[int, dict[str, torch.Tensor]]) -> list:
+    """Hooks that zero omitted channels' activations and omitted heads' outputs in a dense model."""
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        channels, heads = keep[i]["channels"], keep[i]["heads"]
+        if channels is not None:
+            mask = torch.zeros(layer.mlp.gate_proj.out_features)
+            mask[channels] = 1.0
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
+        if heads is not None:
+            d = layer.self_attn.head_dim
+            mask = torch.zeros(layer.self_attn.o_proj.in_features // d)
+            mask[heads] = 1.0
+            mask = mask.repeat_interleave(d)
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask,)))
+    return handles
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_rate_zero_equals_unmodified_model(arch: str) -> None:
+    plain = build(arch)
+    sparse = copy.deepcopy(plain)
+    sat = Sparsifier(sparse, seed=3)
+    sat.set_rates(0.0, 0.0, step=0)
+    ids, labels = batch()
+    ref_logits, ref_grads = loss_and_grads(plain, ids, labels)
+    logits, grads = loss_and_grads(sparse, ids, labels)
+    assert_close(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], name)
+
+
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "maxip", "random"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_sparse_step_equals_masked_dense_reference(arch: str, metric: str) -> None:
+    model = build(arch)
+    reference = copy.deepcopy(model)
+    sat = Sparsifier(model, MetricConfig(name=metric, token_stride=4), SelectorConfig(name="sampling"), seed=7)
+    sat.set_rates(0.5, 0.5, step=11)
+    ids, labels = batch()
+    logits, grads = loss_and_grads(model, ids, labels)
+    keep = {i: sat.last_selection(i) for i in range(len(model.model.layers))}
+    for i, sel in keep.items():
+        assert sel["channels"] is not None and sel["heads"] is not None
+        assert sel["channels"].numel() == 40  # half of 80 channels
+        n_heads = model.config.num_attention_heads
+        assert sel["heads"].numel() == round(n_heads / 2)
+    handles = masked_reference(reference, keep)
+    ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
+    for h in handles:
+        h.remove()
+    assert_close(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], name)
+    for i, layer in enumerate(model.model.layers):  # omitted neurons get exactly zero gradient
+        omitted = torch.ones(layer.mlp.gate_proj.out_features, dtype=torch.bool)
+        omitted[keep[i]["channels"]] = False
+        assert layer.mlp.gate_proj.weight.grad[omitted].abs().max() == 0
+        assert layer.mlp.up_proj.weight.grad[omitted].abs().max() == 0
+        assert layer.mlp.down_proj.weight.grad[:, omitted].abs().max() == 0
+        d = layer.self_attn.head_dim
+        heads = torch.ones(layer.self_attn.q_proj.out_features // d, dtype=torch.bool)
+        heads[keep[i]["heads"]] = False
+        rows = heads.repeat_interleave(d)
+        assert layer.self_attn.q_proj.weight.grad[rows].abs().max() == 0
+        assert layer.self_attn.o_proj.weight.grad[:, rows].abs().max() == 0
+
+
+def test_state_dict_unchanged_and_checkpoint_loads_in_transformers(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = build("llama-gqa")
+    before = {k: v.shape for k, v in model.state_dict().items()}
+    sat = Sparsifier(model)
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert {k: v.shape for k, v in model.state_dict().items()} == before
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model.eval()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, "reloaded logits")
+    sat.remove()
+    assert "forward" not in vars(model.model.layers[0].mlp)
+
+
+def test_activation_checkpointing_reuses_the_selection() -> None:
+    plain = build("llama-gqa")
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt)
+    ids, labels = batch()
+    results = []
+    for model in (plain, ckpt):
+        sat = Sparsifier(model, seed=5)  # sampling: a re-drawn selection would change the gradients
+        sat.set_rates(0.5, 0.5, step=2)
+        results.append(loss_and_grads(model, ids, labels))
+    assert_close(results[0][0], results[1][0], "logits")
+    for name in results[0][1]:
+        assert_close(results[0][1][name], results[1][1][name], name)

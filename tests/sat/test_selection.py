@@ -1,0 +1,68 @@
+"""Selectors: exact counts, no duplicates, top-k correctness, temperature limits."""
+
+from __future__ import annotations
+
+import torch
+
+from satrun.sat.selection import kept_count, sample, topk
+
+
+def test_kept_count_rounds_and_aligns() -> None:
+    assert kept_count(1536, 0.5) == 768
+    assert kept_count(9, 0.5) == 4  # round(4.5) -> 4 (banker's rounding of .5)
+    assert kept_count(10, 0.0) == 10
+    assert kept_count(10, 0.99) == 1  # never zero
+    assert kept_count(1536, 0.3, align=64) % 64 == 0 and abs(kept_count(1536, 0.3, align=64) - 1075) <= 32
+    assert kept_count(1536, 0.99, align=64) == 64
+    assert kept_count(48, 0.5, align=64) == 24  # fewer than align: alignment is impossible, plain rounding
+
+
+def test_topk_picks_the_top_scores_sorted() -> None:
+    scores = torch.tensor([[0.1, 5.0, 0.3, 4.0, 2.0], [9.0, 0.0, 1.0, 8.0, 7.0]])
+    assert topk(scores, 3).tolist() == [[1, 3, 4], [0, 3, 4]]
+
+
+def test_sampling_exact_k_without_duplicates() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(4, 100, generator=g)
+    for k in (1, 17, 50, 100):
+        idx = sample(scores, k, 0.05, g)
+        assert idx.shape == (4, k)
+        for row in idx:
+            assert row.unique().numel() == k and bool((row[1:] > row[:-1]).all())
+
+
+def test_sampling_is_deterministic_given_the_generator_seed() -> None:
+    scores = torch.rand(1, 200)
+    draw = lambda seed: sample(scores, 50, 0.05, torch.Generator().manual_seed(seed))  # noqa: E731
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+def test_sampling_low_temperature_approaches_topk() -> None:
+    scores = torch.linspace(0.0, 1.0, 64)[None]
+    g = torch.Generator().manual_seed(1)
+    hits = [(sample(scores, 16, 1e-4, g) == topk(scores, 16)).all().item() for _ in range(50)]
+    assert all(hits)
+
+
+def test_sampling_high_temperature_approaches_uniform() -> None:
+    n, k, draws = 20, 5, 4000
+    scores = torch.linspace(0.0, 1.0, n)[None]  # strongly ordered scores
+    g = torch.Generator().manual_seed(2)
+    counts = torch.zeros(n)
+    for _ in range(draws):
+        counts[sample(scores, k, 1e3, g)[0]] += 1
+    freq = counts / draws  # uniform: each neuron kept with probability k/n = 0.25
+    assert (freq - k / n).abs().max() < 0.04
+
+
+def test_sampling_default_temperature_prefers_high_scores() -> None:
+    n, k = 100, 20
+    scores = torch.linspace(0.0, 1.0, n)[None]
+    g = torch.Generator().manual_seed(3)
+    counts = torch.zeros(n)
+    for _ in range(500):
+        counts[sample(scores, k, 0.05, g)[0]] += 1
+    assert counts[-20:].sum() > counts[:50].sum() * 10  # mass on the top, but not only top-k
+    assert counts[: n - k].sum() > 0  # still explores beyond the top k
