@@ -31,6 +31,13 @@ CASES = {
     "sft on plain text": (lambda d: ["mode=sft"], "mode=sft"),
     "seq_len too long": (lambda d: ["trainer.seq_len=4096"], "trainer.seq_len=4096"),
     "invalid value": (lambda d: ["trainer.micro_batch_size=0"], "trainer.micro_batch_size"),
+    "omission rate of 1": (lambda d: ["scheduler.rate=1.0"], "scheduler.rate=1.0"),
+    "ladder parts exceed the run": (
+        lambda d: ["scheduler.sparse_fraction=0.8", "scheduler.dense_fraction=0.5"], "exceeds the run"
+    ),
+    "ladder rungs do not fit": (lambda d: ["trainer.max_steps=6"], "does not fit"),
+    "unknown metric": (lambda d: ["metric.name=entropy"], "metric.name"),
+    "sparsified layer out of range": (lambda d: ["scheduler.layers=[0,7]"], "scheduler.layers"),
 }
 
 

@@ -134,3 +134,35 @@ def test_activation_checkpointing_reuses_the_selection() -> None:
     assert_close(results[0][0], results[1][0], "logits")
     for name in results[0][1]:
         assert_close(results[0][1][name], results[1][1][name], name)
+
+
+def test_non_llama_models_are_rejected() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from satrun.sat import UnsupportedModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModel):
+        Sparsifier(model)
+
+
+def test_only_the_chosen_layers_are_sparsified() -> None:
+    model = build("llama-gqa")
+    sat = Sparsifier(model, layers=[1])
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert sat.last_selection(0) == {"channels": None, "heads": None}
+    assert sat.last_selection(1)["channels"].numel() == 40
+
+
+def test_eval_mode_is_dense() -> None:
+    plain = build("llama-gqa")
+    sparse = copy.deepcopy(plain)
+    sat = Sparsifier(sparse)
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, _ = batch()
+    plain.eval(), sparse.eval()
+    with torch.no_grad():
+        assert_close(sparse(input_ids=ids).logits, plain(input_ids=ids).logits, "eval logits")
+    assert sat.last_selection(0)["channels"] is None

@@ -8,6 +8,7 @@ safetensors folder under the user's cache, which later runs load in about a seco
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ def packaged_model_dir() -> Path:
     if (target / "config.json").exists():
         return target
     source = gguf_folder()
+    logging.getLogger("satrun").info("converting the packaged SmolLM2 GGUF once into %s (about 30 s)", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
@@ -62,7 +64,6 @@ def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's per-tensor bar would flood logs
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
     quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
