@@ -166,3 +166,65 @@ def test_eval_mode_is_dense() -> None:
     with torch.no_grad():
         assert_close(sparse(input_ids=ids).logits, plain(input_ids=ids).logits, "eval logits")
     assert sat.last_selection(0)["channels"] is None
+
+
+def test_padded_batch_equals_masked_reference() -> None:
+    model = build("llama-gqa")
+    reference = copy.deepcopy(model)
+    sat = Sparsifier(model, seed=1)
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # the second row is right-padded
+    labels = labels.masked_fill(mask == 0, -100)
+
+    def run(m: torch.nn.Module) -> tuple[torch.Tensor, dict]:
+        m.zero_grad(set_to_none=True)
+        out = m(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    logits, grads = run(model)
+    handles = masked_reference(reference, {i: sat.last_selection(i) for i in range(2)})
+    ref_logits, ref_grads = run(reference)
+    for h in handles:
+        h.remove()
+    valid = mask.bool()
+    assert_close(logits[valid], ref_logits[valid], "logits on real tokens")
+    for name, grad in ref_grads.items():
+        assert_close(grads.get(name, torch.zeros_like(grad)), grad, name)
+
+
+def test_bf16_autocast_on_cpu_matches_the_masked_reference_closely() -> None:
+    model = build("qwen2")
+    reference = copy.deepcopy(model)
+    ids, labels = batch()
+    sat = Sparsifier(model, seed=0)
+    sat.set_rates(0.5, 0.5, step=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    handles = masked_reference(reference, {i: sat.last_selection(i) for i in range(2)})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = reference(input_ids=ids, labels=labels).loss
+    ref_loss.backward()
+    for h in handles:
+        h.remove()
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is None:
+            continue
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert (p.grad - ref.grad).norm() <= 0.05 * ref.grad.norm() + 1e-6, name
+
+
+def test_frozen_weights_get_no_gradient() -> None:
+    model = build("llama-mha")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.weight.requires_grad_(False)
+    sat = Sparsifier(model)
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, labels = batch()
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert all(layer.mlp.down_proj.weight.grad is None for layer in model.model.layers)
+    assert all(layer.mlp.up_proj.weight.grad is not None for layer in model.model.layers)

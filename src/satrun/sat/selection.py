@@ -1,8 +1,8 @@
 """Choosing which neurons to keep, given their importance scores.
 
-Scores come as a 2-D tensor ``[groups, n]``: one row per independent choice (one row for MLP
-channels; one row per key/value group for heads under grouped-query attention), and the same
-number ``k`` is kept in every row. Indices come back sorted, which keeps weight gathers local.
+Scores come as a 2-D tensor ``[rows, n]``, one row per independent choice (the sparsifier uses
+one row per layer and kind: MLP channels, query heads), and ``k`` is kept in every row. Indices
+come back sorted, which keeps weight gathers local.
 """
 
 from __future__ import annotations

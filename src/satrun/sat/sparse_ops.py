@@ -5,6 +5,10 @@ the slice into it for every op. These functions instead compute the gradient of 
 only and add it into ``W.grad`` in place (allocating ``W.grad`` once per optimizer step, as a
 dense backward would). Rows that were not kept receive exactly zero gradient. Their autograd
 graph therefore returns no gradient for the weights, only for the input.
+
+Mixed precision is handled here rather than by autocast: when autocast is on, the input and the
+gathered weight slices are cast once to its dtype, the products run in that dtype with autocast
+off, and the low-precision slices are what is kept for backward, on any device.
 """
 
 from __future__ import annotations
@@ -13,45 +17,55 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.amp import custom_bwd, custom_fwd
 
 
-def _accumulate(param: torch.Tensor, dim: int, idx: torch.Tensor, grad_slice: torch.Tensor) -> None:
-    """param.grad[idx along dim] += grad_slice, creating a zero gradient if there is none yet."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in here, or x's own dtype without autocast."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _accumulate(param: torch.Tensor, dim: int, idx: Optional[torch.Tensor], grad_slice: torch.Tensor) -> None:
+    """param.grad[idx along dim] += grad_slice (the whole gradient if idx is None)."""
+    if not param.requires_grad:
+        return
+    grad_slice = grad_slice.to(param.dtype)
     if param.grad is None:
+        if idx is None:
+            param.grad = grad_slice.clone()
+            return
         param.grad = torch.zeros_like(param)
-    param.grad.index_add_(dim, idx, grad_slice.to(param.grad.dtype))
+    if idx is None:
+        param.grad.add_(grad_slice)
+    else:
+        param.grad.index_add_(dim, idx, grad_slice)
 
 
 class _GatheredLinear(torch.autograd.Function):
-    """y = x @ W[idx].T + b[idx] (dim 0: a subset of outputs) or y = x[..., :] @ W[:, idx].T + b (dim 1)."""
+    """y = x @ W[idx].T + b[idx] (dim 0: a subset of outputs), or x @ W[:, idx].T + b (dim 1)."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda")
     def forward(ctx, x, weight, bias, idx, dim):  # type: ignore[no-untyped-def]
-        w = weight.index_select(dim, idx).to(x.dtype)
-        if dim == 0:
-            b = bias.index_select(0, idx) if bias is not None else None
-        else:
-            b = bias
-        ctx.save_for_backward(x, w, idx)
-        ctx.weight, ctx.bias, ctx.dim = weight, bias, dim
-        return F.linear(x, w, b.to(x.dtype) if b is not None else None)
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        w = weight.index_select(dim, idx).to(dtype)
+        b = None if bias is None else (bias.index_select(0, idx) if dim == 0 else bias).to(dtype)
+        ctx.save_for_backward(xc, w, idx)
+        ctx.weight, ctx.bias, ctx.dim, ctx.in_dtype = weight, bias, dim, x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(xc, w, b)
 
     @staticmethod
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x, w, idx = ctx.saved_tensors
-        grad_x = grad_out @ w
-        g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_w = g2.t() @ x2  # the kept slice's gradient, in the slice's own layout
-        _accumulate(ctx.weight, ctx.dim, idx, grad_w)
-        if ctx.bias is not None and ctx.dim == 0:
-            _accumulate(ctx.bias, 0, idx, g2.sum(0))
-        elif ctx.bias is not None:  # the outputs are not sliced: the bias gradient is full-size
-            grad_b = g2.sum(0).to(ctx.bias.dtype)
-            ctx.bias.grad = grad_b if ctx.bias.grad is None else ctx.bias.grad.add_(grad_b)
+        g = grad_out.to(w.dtype)
+        grad_x = (g @ w).to(ctx.in_dtype)
+        g2 = g.reshape(-1, g.shape[-1])
+        _accumulate(ctx.weight, ctx.dim, idx, g2.t() @ x.reshape(-1, x.shape[-1]))
+        if ctx.bias is not None:
+            _accumulate(ctx.bias, 0, idx if ctx.dim == 0 else None, g2.sum(0))
         return grad_x, None, None, None, None
 
 
@@ -69,27 +83,28 @@ class _SparseSwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) on the kept intermediate channels ``idx`` only."""
 
     @staticmethod
-    @custom_fwd(device_type="cuda")
     def forward(ctx, x, w_gate, w_up, w_down, idx):  # type: ignore[no-untyped-def]
-        g_w = w_gate.index_select(0, idx).to(x.dtype)
-        u_w = w_up.index_select(0, idx).to(x.dtype)
-        d_w = w_down.index_select(1, idx).to(x.dtype)
-        gate = F.linear(x, g_w)
-        up = F.linear(x, u_w)
-        hidden = F.silu(gate) * up
-        ctx.save_for_backward(x, gate, up, g_w, u_w, d_w, idx)
-        ctx.params = (w_gate, w_up, w_down)
-        return F.linear(hidden, d_w)
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        g_w = w_gate.index_select(0, idx).to(dtype)
+        u_w = w_up.index_select(0, idx).to(dtype)
+        d_w = w_down.index_select(1, idx).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            gate = F.linear(xc, g_w)
+            up = F.linear(xc, u_w)
+            out = F.linear(F.silu(gate) * up, d_w)
+        ctx.save_for_backward(xc, gate, up, g_w, u_w, d_w, idx)
+        ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
+        return out
 
     @staticmethod
-    @custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x, gate, up, g_w, u_w, d_w, idx = ctx.saved_tensors
         w_gate, w_up, w_down = ctx.params
-        width = x.shape[-1]
-        x2 = x.reshape(-1, width)
-        dy = grad_out.reshape(-1, grad_out.shape[-1])
-        gate2, up2 = gate.reshape(-1, idx.numel()), up.reshape(-1, idx.numel())
+        k = idx.numel()
+        x2 = x.reshape(-1, x.shape[-1])
+        dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
+        gate2, up2 = gate.reshape(-1, k), up.reshape(-1, k)
         sig = torch.sigmoid(gate2)
         act = gate2 * sig
         _accumulate(w_down, 1, idx, dy.t() @ (act * up2))
@@ -99,7 +114,7 @@ class _SparseSwiGLU(torch.autograd.Function):
         _accumulate(w_gate, 0, idx, d_gate.t() @ x2)
         _accumulate(w_up, 0, idx, d_up.t() @ x2)
         grad_x = d_gate @ g_w + d_up @ u_w
-        return grad_x.view_as(x), None, None, None, None
+        return grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), None, None, None, None
 
 
 def sparse_swiglu(

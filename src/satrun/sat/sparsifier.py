@@ -3,8 +3,8 @@
 ``Sparsifier(model, ...)`` patches the ``forward`` of each chosen decoder layer's attention and
 MLP *instances* (no module is replaced, so parameter names, shapes and the state dict stay the
 model's own, and checkpoints stay plain Hugging Face checkpoints). ``set_rates`` sets the
-omission rates for the next optimizer step; at rate 0, in eval mode, or with a KV cache, the
-original forward runs unchanged. ``remove`` restores the model.
+omission rates for the next optimizer step; at rate 0 or in eval mode the original forward runs
+unchanged. In training mode sparsified layers keep no KV cache (training needs none). ``remove`` restores the model.
 
 Each training forward scores the layer's neurons on that micro-batch's input, selects the kept
 ones, and computes only them (``sparse_ops``). A forward re-run by activation checkpointing during
@@ -58,21 +58,19 @@ class Sparsifier:
         if self.selector.name not in ("topk", "sampling"):
             raise ValueError(f"selector.name={self.selector.name!r} is not one of: topk, sampling")
         decoder = _decoder_layers(self.model)
-        chosen = range(len(decoder)) if self.layers is None else self.layers
+        chosen = range(len(decoder)) if self.layers is None else sorted(set(self.layers))
         bad = [i for i in chosen if not 0 <= i < len(decoder)]
         if bad:
             raise ValueError(f"scheduler.layers: {bad} outside the model's {len(decoder)} layers")
+        for i in chosen:  # check every layer before patching any
+            _check_layer(decoder[i], i)
         self.mlp_rate = self.attn_rate = 0.0
         self.step = 0
-        self.select_s = 0.0  # wall time spent scoring and selecting, since creation
+        self.select_s = 0.0  # host wall time spent scoring and selecting, since creation
         self._generators: dict[torch.device, torch.Generator] = {}
         self._patched: list[torch.nn.Module] = []
-        # Training needs no KV cache, and a cache of a subset of heads would be wrong: switch it off.
-        self._use_cache = getattr(self.model.config, "use_cache", None)
-        self.model.config.use_cache = False
         for i in chosen:
             layer = decoder[i]
-            _check_layer(layer, i)
             for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, _attention_forward)):
                 module._sat = _LayerSlot(self, i)
                 module.forward = types.MethodType(forward, module)
@@ -106,7 +104,6 @@ class Sparsifier:
         for module in self._patched:
             del module.forward, module._sat
         self._patched.clear()
-        self.model.config.use_cache = self._use_cache
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -117,14 +114,22 @@ def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+# Attention and MLP classes whose forward the sparse path reproduces exactly. Others (q/k norms,
+# logit soft-capping, QKV clipping, other activations) would silently compute something else.
+SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
+SUPPORTED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+
+
 def _check_layer(layer: torch.nn.Module, index: int) -> None:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    names = ("q_proj", "k_proj", "v_proj", "o_proj")
-    if attn is None or not all(hasattr(attn, n) for n in names) or not hasattr(attn, "head_dim"):
-        raise UnsupportedModel(f"layer {index}: attention is not Llama-style (q/k/v/o projections)")
-    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-        raise UnsupportedModel(f"layer {index}: MLP is not a gated (SwiGLU) MLP")
-    if getattr(mlp.config, "hidden_act", "silu") != "silu" or mlp.gate_proj.bias is not None:
+    if type(attn).__name__ not in SUPPORTED_ATTENTION or type(mlp).__name__ not in SUPPORTED_MLP:
+        raise UnsupportedModel(
+            f"layer {index}: {type(attn).__name__}/{type(mlp).__name__} is not supported "
+            f"(supported: {', '.join(sorted(SUPPORTED_ATTENTION))} with their MLPs)"
+        )
+    probe = torch.linspace(-4, 4, 17)
+    is_silu = torch.allclose(mlp.act_fn(probe), torch.nn.functional.silu(probe))
+    if not is_silu or mlp.gate_proj.bias is not None:
         raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
 
 
@@ -151,11 +156,12 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(kept query heads, KV heads they need, each kept query head's position among those KV heads).
+    """(kept query heads, KV heads to compute, each kept query head's position among those).
 
     Query heads are chosen freely, so the kept count is exact for any head count. Under
-    grouped-query attention a KV head is computed only if one of its query heads is kept, and
-    keys/values are then expanded to one per kept query head (as the dense path's repeat_kv does).
+    multi-head attention only the kept heads' keys and values are computed. Under grouped-query
+    attention all KV heads are computed (they are few, and a data-dependent subset would force a
+    device sync) and expanded to one per kept query head, as the dense path's repeat_kv does.
     """
     owner: Sparsifier = module._sat.owner
     d = module.head_dim
@@ -168,9 +174,7 @@ def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     heads = owner.choose(scores[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
     if n_q == n_kv:
         return heads, heads, None
-    groups = torch.div(heads, n_q // n_kv, rounding_mode="floor")
-    kv_heads = torch.unique(groups)
-    return heads, kv_heads, torch.searchsorted(kv_heads, groups)
+    return heads, torch.arange(n_kv, device=x.device), torch.div(heads, n_q // n_kv, rounding_mode="floor")
 
 
 def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -186,9 +190,9 @@ def _attention_forward(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     slot: _LayerSlot = self._sat
     owner = slot.owner
-    cached = kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
-    if not self.training or owner.attn_rate == 0.0 or cached:
+    if not self.training or owner.attn_rate == 0.0:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
+    kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # training: no KV cache is kept
     if not _in_backward() or slot.last is None:
         started = time.perf_counter()
         with torch.no_grad():
@@ -215,7 +219,8 @@ def _attention_forward(
         num_key_value_groups=1, is_causal=True, training=True, config=self.config,
         layer_idx=getattr(self, "layer_idx", None), head_dim=d, scaling=self.scaling,
     )
-    extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
+    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    extra = {"sliding_window": window} if window else {}
     out, weights = attend(
         view, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **extra, **kwargs
     )

@@ -1,0 +1,1 @@
+"""Performance accounting: the FLOP and memory model behind `satrun plan`."""

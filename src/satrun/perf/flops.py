@@ -1,0 +1,94 @@
+"""FLOPs per token of a Llama-family decoder, dense and under SAT.
+
+One multiply-add counts 2 FLOPs; backward costs twice the forward. Per token and layer, with
+h hidden, i intermediate, n_q / n_kv heads of size d and sequence length s (causal attention
+sees s/2 keys on average):
+
+    q and o projections   2 h (n_q d) each          scale with the kept heads
+    k and v projections   2 h (n_kv d) each         scale with the kept KV heads
+    attention core        4 (n_q d) (s / 2)         scales with the kept heads
+    MLP                   6 h i                     scales with the kept channels
+    LM head               2 h V                     once per token, never omitted
+
+Kept fractions are the exact ones SAT uses (``kept_count``): heads k/n_q, channels k/i. Under
+multi-head attention the KV heads follow the kept heads; under grouped-query attention satrun
+computes every KV head, so k and v do not shrink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from satrun.sat.selection import kept_count
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: Any) -> "Shape":
+        """From a transformers config (Llama, Mistral, Qwen2, ...)."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            vocab=config.vocab_size,
+        )
+
+
+@dataclass(frozen=True)
+class TokenFlops:
+    """Forward FLOPs per token, by part, summed over layers."""
+
+    attn_proj: float
+    attn_core: float
+    mlp: float
+    lm_head: float
+
+    @property
+    def forward(self) -> float:
+        return self.attn_proj + self.attn_core + self.mlp + self.lm_head
+
+    @property
+    def train(self) -> float:
+        """Forward plus backward (twice the forward)."""
+        return 3.0 * self.forward
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "forward": self.forward, "backward": 2.0 * self.forward, "train": self.train}
+
+
+def token_flops(shape: Shape, seq_len: int, mlp_rate: float = 0.0, attn_rate: float = 0.0, align: int = 1) -> TokenFlops:
+    """FLOPs per token at the given omission rates (0, 0 = dense)."""
+    h, d = shape.hidden, shape.head_dim
+    mlp_keep = kept_count(shape.intermediate, mlp_rate, align) / shape.intermediate if mlp_rate else 1.0
+    head_keep = kept_count(shape.heads, attn_rate) / shape.heads if attn_rate else 1.0
+    kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
+    q_width, kv_width = shape.heads * d, shape.kv_heads * d
+    per_layer_proj = 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
+    per_layer_core = 4 * q_width * (seq_len / 2) * head_keep
+    per_layer_mlp = 6 * h * shape.intermediate * mlp_keep
+    return TokenFlops(
+        attn_proj=shape.layers * per_layer_proj,
+        attn_core=shape.layers * per_layer_core,
+        mlp=shape.layers * per_layer_mlp,
+        lm_head=2 * h * shape.vocab,
+    )
+
+
+def ideal_speedup(shape: Shape, seq_len: int, mlp_rate: float, attn_rate: float, align: int = 1) -> float:
+    """Dense training FLOPs over SAT training FLOPs: the speed-up if scoring were free."""
+    return token_flops(shape, seq_len).train / token_flops(shape, seq_len, mlp_rate, attn_rate, align).train
