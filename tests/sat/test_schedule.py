@@ -20,10 +20,11 @@ def test_dense_is_rate_zero_throughout() -> None:
 
 def test_constant_uses_rate_and_attn_rate() -> None:
     assert set(rates(SchedulerConfig(name="constant", rate=0.3, attn_rate=0.6), 7)) == {("sparse", 0.3, 0.6)}
+    assert set(rates(SchedulerConfig(name="constant", rate=0.3, attn_rate=None), 7)) == {("sparse", 0.3, 0.3)}
 
 
 def test_ladder_steps_down_to_dense() -> None:
-    cfg = SchedulerConfig(name="ladder", rate=0.5, sparse_fraction=0.5, ladder_steps=4, dense_fraction=0.1)
+    cfg = SchedulerConfig(name="ladder", rate=0.5, attn_rate=None, sparse_fraction=0.5, ladder_steps=4, dense_fraction=0.1)
     got = rates(cfg, 100)
     expected = [("sparse", 0.5)] * 50 + [("ladder-1", 0.4)] * 10 + [("ladder-2", 0.3)] * 10 + \
                [("ladder-3", 0.2)] * 10 + [("ladder-4", 0.1)] * 10 + [("dense", 0.0)] * 10

@@ -10,7 +10,7 @@ from typing import Optional
 class MetricConfig:
     """How neurons are scored (see docs/method.md for each formula and its cost)."""
 
-    name: str = "wanda"  # random | magnitude | wanda | maxip
+    name: str = "maxip"  # random | magnitude | wanda | maxip
     token_stride: int = 16  # maxip scores every token_stride-th token of the micro-batch
 
 
@@ -35,7 +35,7 @@ class SchedulerConfig:
 
     name: str = "ladder"  # dense | constant | ladder
     rate: float = 0.5  # omission rate of MLP channels
-    attn_rate: Optional[float] = None  # omission rate of attention heads; None = rate
+    attn_rate: Optional[float] = 0.0  # omission rate of attention heads; None = rate
     sparse_fraction: float = 0.5
     ladder_steps: int = 4
     dense_fraction: float = 0.1
