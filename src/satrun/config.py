@@ -29,14 +29,14 @@ class ModelConfig:
     source: str = "packaged"
     path: Optional[str] = None
     tokenizer: Optional[str] = None  # random models: a tokenizer folder/hub id; None = packaged SmolLM2's
-    # Sizes for source=random (ignored otherwise).
+    # Sizes: build a source=random model; plan any model without its weights.
     hidden_size: int = 64
     intermediate_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
-
+    vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
 
 @dataclass
 class DataConfig:

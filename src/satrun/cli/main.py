@@ -29,9 +29,31 @@ def _train_task(cfg) -> dict:  # type: ignore[no-untyped-def]
     return run_training(typed, Path(HydraConfig.get().runtime.output_dir))
 
 
+def _plan_task(cfg) -> dict:  # type: ignore[no-untyped-def]
+    """Hydra task: FLOPs, ideal SAT speed-up and memory of the configured run, without weights."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from satrun.config import from_dict
+    from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
+    from satrun.sat import build_stages
+
+    typed = from_dict(cfg)
+    t = typed.trainer
+    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
+    stages = build_stages(typed.scheduler, t.max_steps)
+    plan = build_plan(shape_of(typed.model), stages, t.seq_len, t.micro_batch_size, precision)
+    out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
+    write_plan(plan, out)
+    print_plan(plan)
+    print(f"plan written to {out}")
+    return plan
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "train": ("train a model (continual pre-training or fine-tuning)", _train_task),
+    "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _plan_task),
 }
+RUN_DIRS = {"plan": "outputs/plans"}
 
 
 def _help() -> str:
@@ -40,7 +62,8 @@ def _help() -> str:
     lines += ["", "config groups (choose with group=option):"]
     lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
     lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
-              "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help"]
+              "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help",
+              "  satrun plan model=llama2-7b trainer.seq_len=2048"]
     return "\n".join(lines)
 
 
@@ -76,6 +99,8 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
             return None
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not printouts
+    if name in RUN_DIRS and not any(a.startswith("hydra.run.dir=") for a in args):
+        args = [*args, f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"]
     sys.argv = [f"satrun {name}", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
     for exc in failures[:-1]:

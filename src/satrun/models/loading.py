@@ -43,7 +43,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     """The model in float32 on the CPU; the trainer moves it and sets up precision."""
     if cfg.source == "random":
         config = LlamaConfig(
-            vocab_size=len(tokenizer),
+            vocab_size=cfg.vocab_size or len(tokenizer),
             hidden_size=cfg.hidden_size,
             intermediate_size=cfg.intermediate_size,
             num_hidden_layers=cfg.num_layers,

@@ -1,0 +1,131 @@
+"""What a configuration will cost, from the model's shape alone: FLOPs, ideal SAT speed-up, memory.
+
+No weights are loaded. The shape comes from the model folder's config.json when ``model.path``
+points at one, else from the sizes in the model's config (every shipped model config lists them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from satrun.errors import UsageError
+from satrun.perf.flops import Shape, token_flops
+from satrun.sat.schedule import Stage
+
+BYTES = {"fp32": 4, "bf16": 2}
+
+
+def shape_of(model_cfg: Any) -> Shape:
+    """The decoder's shape: config.json in ``model.path`` if it is a local folder, else the config's sizes."""
+    path = Path(model_cfg.path).expanduser() if model_cfg.path else None
+    if path is not None and (path / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return Shape.from_config(AutoConfig.from_pretrained(path))
+    if not model_cfg.vocab_size:
+        raise UsageError(f"model={model_cfg.name}: its sizes are unknown; set model.vocab_size (and the other sizes)")
+    return Shape(
+        hidden=model_cfg.hidden_size,
+        intermediate=model_cfg.intermediate_size,
+        layers=model_cfg.num_layers,
+        heads=model_cfg.num_heads,
+        kv_heads=model_cfg.num_kv_heads,
+        head_dim=model_cfg.hidden_size // model_cfg.num_heads,
+        vocab=model_cfg.vocab_size,
+    )
+
+
+def parameters(shape: Shape, tied: bool = False) -> int:
+    h, d = shape.hidden, shape.head_dim
+    per_layer = h * shape.heads * d * 2 + h * shape.kv_heads * d * 2 + 3 * h * shape.intermediate + 2 * h
+    embeddings = shape.vocab * h * (1 if tied else 2)
+    return shape.layers * per_layer + embeddings + h
+
+
+def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float = 1.0, head_keep: float = 1.0) -> float:
+    """Activations kept for backward in one micro-batch (an estimate, not a measurement).
+
+    Per token and layer: residual and two norm outputs (3h), q, k, v and the attention output,
+    the MLP's gate, up and product (3i); plus fp32 logits and their gradient for the LM head.
+    """
+    h, d = shape.hidden, shape.head_dim
+    kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
+    per_layer = 3 * h + 2 * shape.heads * d * head_keep + 2 * shape.kv_heads * d * kv_keep + 3 * shape.intermediate * mlp_keep
+    return tokens * (shape.layers * per_layer * act_bytes + 2 * 4 * shape.vocab)
+
+
+def build_plan(shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str) -> dict[str, Any]:
+    """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate."""
+    dense = token_flops(shape, seq_len)
+    rows = []
+    for stage in stages:
+        flops = token_flops(shape, seq_len, stage.mlp_rate, stage.attn_rate)
+        rows.append({
+            "name": stage.name, "steps": stage.steps, "mlp_rate": stage.mlp_rate, "attn_rate": stage.attn_rate,
+            "flops_per_token": flops.as_dict(), "ideal_speedup": dense.train / flops.train,
+        })
+    total_steps = sum(r["steps"] for r in rows)
+    sat_time = sum(r["steps"] / r["ideal_speedup"] for r in rows)  # in units of one dense step
+    n_params = parameters(shape)
+    act = BYTES.get(precision, 4)
+    tokens = seq_len * micro_batch
+    return {
+        "shape": asdict(shape),
+        "parameters": n_params,
+        "seq_len": seq_len,
+        "micro_batch_size": micro_batch,
+        "precision": precision,
+        "dense_flops_per_token": dense.as_dict(),
+        "stages": rows,
+        "run_ideal_speedup": total_steps / sat_time if sat_time else 1.0,
+        "memory_bytes": {
+            "weights": 4 * n_params,
+            "gradients": 4 * n_params,
+            "optimizer": 8 * n_params,
+            "activations_dense": activation_bytes(shape, tokens, act),
+            "activations_first_stage": activation_bytes(
+                shape, tokens, act, 1 - stages[0].mlp_rate, 1 - stages[0].attn_rate
+            ),
+        },
+    }
+
+
+def write_plan(plan: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gib = 2**30
+    console = Console()
+    dense = plan["dense_flops_per_token"]
+    parts = Table(title=f"FLOPs per token (seq {plan['seq_len']}, {plan['parameters'] / 1e6:.1f}M parameters)")
+    for column in ("part", "forward", "share"):
+        parts.add_column(column, justify="left" if column == "part" else "right")
+    for part in ("attn_proj", "attn_core", "mlp", "lm_head"):
+        parts.add_row(part, f"{dense[part] / 1e9:.3f} G", f"{100 * dense[part] / dense['forward']:.1f}%")
+    parts.add_row("forward", f"{dense['forward'] / 1e9:.3f} G", "")
+    parts.add_row("backward", f"{dense['backward'] / 1e9:.3f} G", "")
+    parts.add_row("train step", f"{dense['train'] / 1e9:.3f} G", "")
+    console.print(parts)
+    stages = Table(title=f"SAT stages (whole-run ideal speed-up {plan['run_ideal_speedup']:.2f}x)")
+    for column in ("stage", "steps", "mlp/attn rate", "train GFLOPs/token", "ideal speed-up"):
+        stages.add_column(column, justify="left" if column == "stage" else "right")
+    for row in plan["stages"]:
+        stages.add_row(
+            row["name"], str(row["steps"]), f"{row['mlp_rate']:.2f}/{row['attn_rate']:.2f}",
+            f"{row['flops_per_token']['train'] / 1e9:.3f}", f"{row['ideal_speedup']:.2f}x",
+        )
+    console.print(stages)
+    mem = plan["memory_bytes"]
+    memory = Table(title=f"memory estimate (micro-batch {plan['micro_batch_size']}, activations in {plan['precision']})")
+    memory.add_column("what")
+    memory.add_column("GiB", justify="right")
+    for key in ("weights", "gradients", "optimizer", "activations_dense", "activations_first_stage"):
+        memory.add_row(key.replace("_", " "), f"{mem[key] / gib:.2f}")
+    console.print(memory)

@@ -1,0 +1,72 @@
+"""The FLOP model against an independent count (torch's FlopCounterMode), dense and sparse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from satrun.perf.flops import Shape, ideal_speedup, token_flops
+from satrun.perf.plan import parameters
+from satrun.sat import MetricConfig, Sparsifier
+
+SEQ = 32
+
+
+def tiny(heads: int, kv_heads: int, attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation=attn)
+    return LlamaForCausalLM(config).train()
+
+
+def counted(model: torch.nn.Module) -> dict[str, float]:
+    ids = torch.randint(0, 97, (2, SEQ))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False)
+    return {str(op): n / ids.numel() for op, n in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_matmul_flops_match_an_independent_count(heads: int, kv_heads: int, rate: float) -> None:
+    model = tiny(heads, kv_heads)
+    if rate:  # random scores: scoring itself adds no matrix product here (maxip's is checked below)
+        sat = Sparsifier(model, MetricConfig(name="random"))
+        sat.set_rates(rate, rate, step=0)
+    ours = token_flops(Shape.from_config(model.config), SEQ, rate, rate)
+    # On CPU the SDPA kernel is not counted: every counted op is a matrix product of the model.
+    assert counted(model)["aten.mm"] == pytest.approx(ours.attn_proj + ours.mlp + ours.lm_head)
+
+
+def test_maxip_scoring_costs_one_stride_of_the_scored_projections() -> None:
+    model = tiny(4, 2)
+    sat = Sparsifier(model, MetricConfig(name="maxip", token_stride=16))
+    sat.set_rates(0.5, 0.5, step=0)
+    shape = Shape.from_config(model.config)
+    ours = token_flops(shape, SEQ, 0.5, 0.5)
+    h, i, d = shape.hidden, shape.intermediate, shape.head_dim
+    scoring = shape.layers * (2 * h * i * 2 + 2 * h * (shape.heads + shape.kv_heads) * d) / 16
+    assert counted(model)["aten.mm"] == pytest.approx(ours.attn_proj + ours.mlp + ours.lm_head + scoring)
+
+
+def test_attention_core_flops_match_eager_attention() -> None:
+    model = tiny(4, 4, attn="eager")
+    ours = token_flops(Shape.from_config(model.config), SEQ)
+    # Eager attention computes the full s x s scores; the model counts the causal half.
+    assert counted(model)["aten.bmm"] == pytest.approx(2 * ours.attn_core)
+
+
+def test_parameter_count_matches_the_model() -> None:
+    model = tiny(4, 2)
+    shape = Shape.from_config(model.config)
+    assert parameters(shape, tied=model.config.tie_word_embeddings) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "shape, seq, expected",  # the ideal speed-ups of the project's method notes, r = 0.5
+    [(Shape(4096, 11008, 32, 32, 32, 128, 32000), 2048, 1.96), (Shape(576, 1536, 30, 9, 3, 64, 49152), 256, 1.60)],
+)
+def test_ideal_speedup_agrees_with_the_method_notes(shape: Shape, seq: int, expected: float) -> None:
+    assert ideal_speedup(shape, seq, 0.5, 0.5) == pytest.approx(expected, rel=0.02)
