@@ -7,6 +7,7 @@ safetensors folder under the user's cache, which later runs load in about a seco
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -64,8 +65,10 @@ def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    # The GGUF reader draws a per-tensor progress bar on stderr; it would bury satrun's own output.
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
     config_dict = quantized.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
