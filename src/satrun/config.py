@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from satrun.errors import UsageError
+from satrun.perf.settings import BenchConfig
 from satrun.sat import schedule
 from satrun.sat.importance import METRICS
 from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
@@ -113,6 +114,7 @@ class TrainConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 _CHOICES = {
@@ -185,6 +187,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
     if cfg.selector.align < 1 or cfg.metric.token_stride < 1:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
+    if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):
+        raise UsageError("bench.steps and bench.repeats must be at least 1 and bench.rates in (0, 1)")
     try:
         schedule.build_stages(cfg.scheduler, t.max_steps)
     except schedule.ScheduleError as exc:

@@ -49,11 +49,47 @@ def _plan_task(cfg) -> dict:  # type: ignore[no-untyped-def]
     return plan
 
 
+def _bench_task(cfg) -> list:  # type: ignore[no-untyped-def]
+    """Hydra task: time dense and SAT training steps side by side on real batches."""
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+
+    from satrun.config import from_dict
+    from satrun.data import BatchStream, build_corpus
+    from satrun.models import load_model, load_tokenizer
+    from satrun.perf.bench import print_bench, run_bench
+    from satrun.perf.flops import Shape
+    from satrun.sat import Sparsifier
+    from satrun.training import runtime
+    from satrun.training.optim import build_optimizer
+
+    typed = from_dict(cfg)
+    t = typed.trainer
+    device = runtime.resolve_device(t.device)
+    runtime.seed_everything(t.seed)
+    tokenizer = load_tokenizer(typed.model)
+    model = load_model(typed.model, tokenizer).to(device)
+    corpus = build_corpus(typed.data, typed.mode.name, tokenizer, t.seq_len, t.micro_batch_size, t.seed)
+    stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(typed.bench.steps + 1)]
+    sparsifier = Sparsifier(model, typed.metric, typed.selector, typed.scheduler.layers, seed=t.seed)
+    amp = runtime.autocast(device, runtime.resolve_precision(t.precision, device))
+    rows = run_bench(model, build_optimizer(model, typed.optim), sparsifier, batches, typed.bench,
+                     Shape.from_config(model.config), t.seq_len, device, amp, typed.optim.grad_clip)
+    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print_bench(rows)
+    print(f"bench written to {out}")
+    return rows
+
+
 COMMANDS: dict[str, tuple[str, Callable]] = {
     "train": ("train a model (continual pre-training or fine-tuning)", _train_task),
     "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _plan_task),
+    "bench": ("time dense and SAT training steps side by side on real batches", _bench_task),
 }
-RUN_DIRS = {"plan": "outputs/plans"}
+RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench"}
 
 
 def _help() -> str:
@@ -63,7 +99,7 @@ def _help() -> str:
     lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
     lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
               "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help",
-              "  satrun plan model=llama2-7b trainer.seq_len=2048"]
+              "  satrun plan model=llama2-7b trainer.seq_len=2048", "  satrun bench bench.rates=[0.3,0.5]"]
     return "\n".join(lines)
 
 

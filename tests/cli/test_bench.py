@@ -1,0 +1,28 @@
+"""End-to-end: ``satrun bench`` times plain, dense and SAT steps and writes bench.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FIELDS = {"name", "rate", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes"}
+
+
+def test_bench_rows(satrun, tmp_path: Path) -> None:
+    result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=1",
+                    "bench.rates=[0.5]", "hydra.run.dir=bench")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
+    assert all(FIELDS <= set(r) for r in rows)
+    dense, sparse = rows[1], rows[2]
+    assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
+    assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_bench_rejects_rates_outside_zero_one(satrun) -> None:
+    result = satrun("bench", "model=tiny", "bench.rates=[1.2]")
+    assert result.returncode == 2 and "bench.rates" in result.stderr
