@@ -1,19 +1,26 @@
-"""One training run, end to end: model and data in, trained Hugging Face folder and summary out."""
+"""What each command does, end to end, on typed config: train, plan, bench."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from satrun.config import TrainConfig
-from satrun.data import build_corpus
+from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import UsageError
 from satrun.models import load_model, load_tokenizer, max_sequence_length
+from satrun.perf.bench import print_bench, run_bench
+from satrun.perf.flops import Shape
+from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.training import runtime
 from satrun.training.display import make_display, print_summary
 from satrun.training.metrics import write_summary
+from satrun.training.optim import build_optimizer
 from satrun.training.saving import save_hf_folder
 from satrun.training.trainer import train
 
@@ -24,17 +31,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     display = make_display(cfg.trainer.progress)
     display.message(f"run folder: {run_dir}")
-    runtime.resolve_device(cfg.trainer.device)  # fail on a bad device before loading anything
-    runtime.seed_everything(cfg.trainer.seed)
-
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer)
-    limit = max_sequence_length(model)
-    if limit is not None and cfg.trainer.seq_len > limit:
-        raise UsageError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model={cfg.model.name}'s maximum of {limit} positions")
-    corpus = build_corpus(
-        cfg.data, cfg.mode.name, tokenizer, cfg.trainer.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.seed
-    )
+    tokenizer, model, corpus = load_inputs(cfg)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
         f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
@@ -60,7 +57,53 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _sparsity(cfg: TrainConfig, model) -> ScheduledSparsity:  # type: ignore[no-untyped-def]
+def load_inputs(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
+    """Seeded tokenizer, model (CPU, fp32) and data, after the checks that need no data."""
+    runtime.resolve_device(cfg.trainer.device)  # fail on a bad device before loading anything
+    runtime.seed_everything(cfg.trainer.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer)
+    limit = max_sequence_length(model)
+    if limit is not None and cfg.trainer.seq_len > limit:
+        raise UsageError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model={cfg.model.name}'s maximum of {limit} positions")
+    corpus = build_corpus(
+        cfg.data, cfg.mode.name, tokenizer, cfg.trainer.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.seed
+    )
+    return tokenizer, model, corpus
+
+
+def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """FLOPs, ideal SAT speed-up and memory of the configured run, from the model's shape alone."""
+    t = cfg.trainer
+    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
+    plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size, precision)
+    out = run_dir / "plan.json"
+    write_plan(plan, out)
+    print_plan(plan)
+    print(f"plan written to {out}")
+    return plan
+
+
+def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Plain, dense and SAT training steps timed side by side on real batches; writes bench.json."""
+    t = cfg.trainer
+    _, model, corpus = load_inputs(cfg)
+    device = runtime.resolve_device(t.device)
+    model.to(device)
+    stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.bench.steps + 1)]
+    sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=t.seed)
+    amp = runtime.autocast(device, runtime.resolve_precision(t.precision, device))
+    rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
+                     Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip)
+    out = run_dir / "bench.json"
+    out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    print_bench(rows)
+    print(f"bench written to {out}")
+    return rows
+
+
+def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     """The schedule's hook; the model is only modified if some stage omits neurons."""
     stages = build_stages(cfg.scheduler, cfg.trainer.max_steps)
     if all(stage.dense for stage in stages):

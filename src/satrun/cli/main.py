@@ -18,76 +18,24 @@ from satrun.cli.configs import GROUPS, config_dir, group_options
 USAGE_EXIT = 2
 
 
-def _train_task(cfg) -> dict:  # type: ignore[no-untyped-def]
-    """Hydra task: DictConfig in, typed config down; nothing below sees Hydra."""
-    from hydra.core.hydra_config import HydraConfig
+def _task(name: str) -> Callable:
+    """A Hydra task running recipe ``name``: DictConfig in, typed config down; nothing below sees Hydra."""
 
-    from satrun.config import from_dict
-    from satrun.recipe import run_training
+    def task(cfg):  # type: ignore[no-untyped-def]
+        from hydra.core.hydra_config import HydraConfig
 
-    typed = from_dict(cfg)
-    return run_training(typed, Path(HydraConfig.get().runtime.output_dir))
+        from satrun import recipe
+        from satrun.config import from_dict
 
+        return getattr(recipe, name)(from_dict(cfg), Path(HydraConfig.get().runtime.output_dir))
 
-def _plan_task(cfg) -> dict:  # type: ignore[no-untyped-def]
-    """Hydra task: FLOPs, ideal SAT speed-up and memory of the configured run, without weights."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from satrun.config import from_dict
-    from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
-    from satrun.sat import build_stages
-
-    typed = from_dict(cfg)
-    t = typed.trainer
-    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
-    stages = build_stages(typed.scheduler, t.max_steps)
-    plan = build_plan(shape_of(typed.model), stages, t.seq_len, t.micro_batch_size, precision)
-    out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
-    write_plan(plan, out)
-    print_plan(plan)
-    print(f"plan written to {out}")
-    return plan
-
-
-def _bench_task(cfg) -> list:  # type: ignore[no-untyped-def]
-    """Hydra task: time dense and SAT training steps side by side on real batches."""
-    import json
-
-    from hydra.core.hydra_config import HydraConfig
-
-    from satrun.config import from_dict
-    from satrun.data import BatchStream, build_corpus
-    from satrun.models import load_model, load_tokenizer
-    from satrun.perf.bench import print_bench, run_bench
-    from satrun.perf.flops import Shape
-    from satrun.sat import Sparsifier
-    from satrun.training import runtime
-    from satrun.training.optim import build_optimizer
-
-    typed = from_dict(cfg)
-    t = typed.trainer
-    device = runtime.resolve_device(t.device)
-    runtime.seed_everything(t.seed)
-    tokenizer = load_tokenizer(typed.model)
-    model = load_model(typed.model, tokenizer).to(device)
-    corpus = build_corpus(typed.data, typed.mode.name, tokenizer, t.seq_len, t.micro_batch_size, t.seed)
-    stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
-    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(typed.bench.steps + 1)]
-    sparsifier = Sparsifier(model, typed.metric, typed.selector, typed.scheduler.layers, seed=t.seed)
-    amp = runtime.autocast(device, runtime.resolve_precision(t.precision, device))
-    rows = run_bench(model, build_optimizer(model, typed.optim), sparsifier, batches, typed.bench,
-                     Shape.from_config(model.config), t.seq_len, device, amp, typed.optim.grad_clip)
-    out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-    out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    print_bench(rows)
-    print(f"bench written to {out}")
-    return rows
+    return task
 
 
 COMMANDS: dict[str, tuple[str, Callable]] = {
-    "train": ("train a model (continual pre-training or fine-tuning)", _train_task),
-    "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _plan_task),
-    "bench": ("time dense and SAT training steps side by side on real batches", _bench_task),
+    "train": ("train a model (continual pre-training or fine-tuning)", _task("run_training")),
+    "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _task("run_plan")),
+    "bench": ("time dense and SAT training steps side by side on real batches", _task("run_benchmark")),
 }
 RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench"}
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
 from satrun.sat.settings import MetricConfig, SelectorConfig
@@ -211,9 +212,6 @@ def _attention_forward(
     q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
     if kv_of_q is not None:
         k, v = k.index_select(1, kv_of_q), v.index_select(1, kv_of_q)
-
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
     view = types.SimpleNamespace(  # the module as the attention kernel sees it: fewer heads
         num_key_value_groups=1, is_causal=True, training=True, config=self.config,
