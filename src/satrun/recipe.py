@@ -7,15 +7,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from satrun.config import TrainConfig
 from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import UsageError
 from satrun.models import load_model, load_tokenizer, max_sequence_length
-from satrun.perf.bench import print_bench, run_bench
+from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf.flops import Shape
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
+from satrun.plots import speedup_plot
 from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.training import runtime
 from satrun.training.display import make_display, print_summary
@@ -93,13 +95,16 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
     batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.bench.steps + 1)]
     sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=t.seed)
-    amp = runtime.autocast(device, runtime.resolve_precision(t.precision, device))
+    dtype = runtime.resolve_precision(t.precision, device)
+    amp = runtime.autocast(device, dtype)
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
-                     Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip)
+                     Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip,
+                     bf16_peak_flops(device) if dtype == torch.bfloat16 else None)
     out = run_dir / "bench.json"
     out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {device.type}, seq {t.seq_len} x {t.micro_batch_size}")
     print_bench(rows)
-    print(f"bench written to {out}")
+    print(f"bench written to {out} and {out.with_suffix('.png').name}")
     return rows
 
 

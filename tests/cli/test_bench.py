@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-FIELDS = {"name", "rate", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes"}
+FIELDS = {"name", "rate", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes", "mfu"}
 
 
 def test_bench_rows(satrun, tmp_path: Path) -> None:
@@ -21,6 +21,9 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
     assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["mfu"] is None for r in rows)  # no known peak on CPU
+    assert 0 < sparse["peak_mem_bytes"] < dense["peak_mem_bytes"]  # counted tensor bytes on CPU
+    assert (tmp_path / "bench" / "bench.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_bench_rejects_rates_outside_zero_one(satrun) -> None:

@@ -11,17 +11,31 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from satrun.perf.flops import Shape, ideal_speedup
+from satrun.perf.flops import Shape, ideal_speedup, token_flops
+from satrun.perf.memory import peak_bytes, resident_tensors
 from satrun.sat.sparsifier import Sparsifier
 from satrun.training import runtime
 from satrun.data import label_tokens
 from satrun.perf.settings import BenchConfig
 from satrun.training.trainer import train_step
+
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the CUDA device name.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, where it is known (None on CPU and on unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
 
 
 def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, amp: Any) -> None:
@@ -31,6 +45,14 @@ def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def _satrun_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, amp: Any) -> None:
+    train_step(model, optimizer, [batch], grad_clip, amp)
+
+
+def _step_of(name: str) -> Callable[..., None]:
+    return _plain_step if name == "plain" else _satrun_step
 
 
 def run_bench(
@@ -44,38 +66,41 @@ def run_bench(
     device: torch.device,
     amp: Any = contextlib.nullcontext(),
     grad_clip: float = 1.0,
+    peak_flops: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per configuration: "plain", "dense", then each rate."""
+    """One row per configuration: "plain", "dense", then each rate. With ``peak_flops`` (the
+    device's peak in the step's precision), each row also gets its model FLOP utilisation."""
     model.train()
     configs: list[tuple[str, float]] = [("plain", 0.0), ("dense", 0.0)] + [(f"rate {r:g}", r) for r in cfg.rates]
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     select: dict[str, list[float]] = {name: [] for name, _ in configs}
-    peak: dict[str, int | None] = {name: None for name, _ in configs}
     tokens = statistics.mean(label_tokens(b) for b in batches)
     for _ in range(cfg.repeats):
         for name, rate in configs:
             sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
             for i in range(cfg.steps + 1):  # the first step of each block is warm-up
                 batch = batches[i % len(batches)]
                 before = sparsifier.select_s
                 runtime.synchronize(device)
                 started = time.perf_counter()
-                if name == "plain":
-                    _plain_step(model, optimizer, batch, grad_clip, amp)
-                else:
-                    train_step(model, optimizer, [batch], grad_clip, amp)
+                _step_of(name)(model, optimizer, batch, grad_clip, amp)
                 runtime.synchronize(device)
                 if i:
                     times[name].append(time.perf_counter() - started)
                     select[name].append((sparsifier.select_s - before) / times[name][-1])
-            peak[name] = runtime.peak_memory_bytes(device)
+    peak = {}
+    for name, rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
+        sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
+        step = _step_of(name)
+        peak[name] = peak_bytes(lambda: step(model, optimizer, batches[0], grad_clip, amp), device,
+                                resident_tensors(model, optimizer))
     dense_s = statistics.median(times["dense"])
     rows = []
     for name, rate in configs:
         step_s = statistics.median(times[name])
-        ideal = ideal_speedup(shape, seq_len, rate, rate if cfg.heads else 0.0) if rate else 1.0
+        attn_rate, align = (rate if cfg.heads else 0.0), sparsifier.selector.align
+        ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align) if rate else 1.0
+        flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align).train  # the work this row really does
         measured = dense_s / step_s
         rows.append({
             "name": name,
@@ -88,6 +113,7 @@ def run_bench(
             "efficiency": (measured - 1) / (ideal - 1) if ideal > 1 else None,
             "overhead_share": statistics.median(select[name]),
             "peak_mem_bytes": peak[name],
+            "mfu": flops / step_s / peak_flops if peak_flops else None,
         })
     return rows
 
@@ -97,13 +123,14 @@ def print_bench(rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
     table = Table(title="satrun bench (speed-up over satrun's dense step)")
-    for column in ("row", "s/step", "tokens/s", "speed-up", "ideal", "efficiency", "scoring+selection", "peak mem"):
-        table.add_column(column, justify="left" if column == "row" else "right")
+    for column in ("row", "s/step", "tokens/s", "speed-up", "ideal", "efficiency", "scoring+selection", "peak mem", "MFU"):
+        table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r["name"], f"{r['step_s']:.3f}", f"{r['tokens_per_s']:.0f}", f"{r['speedup']:.2f}x",
             f"{r['ideal_speedup']:.2f}x", "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}",
             f"{100 * r['overhead_share']:.1f}%",
             "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB",
+            "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         )
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 130).print(table)

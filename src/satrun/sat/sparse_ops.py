@@ -92,28 +92,27 @@ class _SparseSwiGLU(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             gate = F.linear(xc, g_w)
             up = F.linear(xc, u_w)
-            out = F.linear(F.silu(gate) * up, d_w)
-        ctx.save_for_backward(xc, gate, up, g_w, u_w, d_w, idx)
+            act = F.silu(gate)
+            out = F.linear(act * up, d_w)
+        ctx.save_for_backward(xc, gate, act, up, g_w, u_w, d_w, idx)  # what dense autograd keeps, less act*up
         ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        x, gate, up, g_w, u_w, d_w, idx = ctx.saved_tensors
+        x, gate, act, up, g_w, u_w, d_w, idx = ctx.saved_tensors
         w_gate, w_up, w_down = ctx.params
         k = idx.numel()
         x2 = x.reshape(-1, x.shape[-1])
         dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
-        gate2, up2 = gate.reshape(-1, k), up.reshape(-1, k)
-        sig = torch.sigmoid(gate2)
-        act = gate2 * sig
-        _accumulate(w_down, 1, idx, dy.t() @ (act * up2))
+        gate2, act2, up2 = gate.reshape(-1, k), act.reshape(-1, k), up.reshape(-1, k)
+        _accumulate(w_down, 1, idx, dy.t() @ (act2 * up2))
         d_hidden = dy @ d_w
-        d_up = d_hidden * act
-        d_gate = d_hidden * up2 * sig * (1 + gate2 * (1 - sig))
+        d_up = d_hidden * act2
+        d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up2), gate2)  # one fused pass, as dense autograd
         _accumulate(w_gate, 0, idx, d_gate.t() @ x2)
         _accumulate(w_up, 0, idx, d_up.t() @ x2)
-        grad_x = d_gate @ g_w + d_up @ u_w
+        grad_x = (d_gate @ g_w).addmm_(d_up, u_w)
         return grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), None, None, None, None
 
 
