@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,19 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
 def test_bench_rejects_rates_outside_zero_one(satrun) -> None:
     result = satrun("bench", "model=tiny", "bench.rates=[1.2]")
     assert result.returncode == 2 and "bench.rates" in result.stderr
+
+
+def test_gpu_bench_script_runs_its_path_on_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_bench.sh with DEVICE=cpu on a shrunk Llama-2-7B-shaped model, bf16 autocast."""
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DEVICE="cpu", LAYERS="1", RATES="[0.5]", OUT=str(tmp_path / "gpu"),
+               SATRUN=str(Path(sys.executable).parent / "satrun"), TOKENIZERS_PARALLELISM="false")
+    shrink = ["model.hidden_size=128", "model.intermediate_size=256", "model.num_heads=4", "model.num_kv_heads=4",
+              "trainer.seq_len=64", "trainer.micro_batch_size=2", "bench.steps=1", "bench.repeats=1"]
+    result = subprocess.run(["bash", str(repo / "scripts" / "gpu_bench.sh"), *shrink], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "gpu" / "bench.json").read_text())
+    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
+    config = (tmp_path / "gpu" / ".hydra" / "config.yaml").read_text()
+    assert "precision: bf16" in config and "num_layers: 1" in config

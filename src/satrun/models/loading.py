@@ -42,6 +42,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The model in float32 on the CPU; the trainer moves it and sets up precision."""
     if cfg.source == "random":
+        if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
+            raise UsageError(
+                f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens "
+                "(set model.vocab_size=null to use the tokenizer's)"
+            )
         config = LlamaConfig(
             vocab_size=cfg.vocab_size or len(tokenizer),
             hidden_size=cfg.hidden_size,

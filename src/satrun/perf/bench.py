@@ -1,10 +1,11 @@
 """Dense and SAT training steps timed side by side, in one process, on the same batches.
 
-Each repeat runs, in turn, a plain transformers loop (``model(input_ids, labels=labels).loss``),
-satrun's dense step and satrun's step at every rate; each block starts with one untimed warm-up
-step. Reported per row: median step time and tokens/s, speed-up over satrun's dense step, the
-FLOP model's ideal speed-up, efficiency = (measured - 1) / (ideal - 1), and the share of step
-time spent scoring and selecting.
+The rows are a plain transformers loop (``model(input_ids, labels=labels).loss``), satrun's dense
+step and satrun's step at every rate. They are interleaved one step at a time, in a rotating
+order, after one untimed round: on a noisy machine a slow spell then hits every row alike. Every
+row of a round trains on the same batch. Reported per row: median step time and tokens/s,
+speed-up over satrun's dense step, the FLOP model's ideal speed-up, efficiency =
+(measured - 1) / (ideal - 1), the share of step time spent scoring and selecting, peak memory.
 """
 
 from __future__ import annotations
@@ -75,19 +76,19 @@ def run_bench(
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     select: dict[str, list[float]] = {name: [] for name, _ in configs}
     tokens = statistics.mean(label_tokens(b) for b in batches)
-    for _ in range(cfg.repeats):
-        for name, rate in configs:
+    for round_ in range(cfg.repeats * cfg.steps + 1):  # round 0 is warm-up
+        shift = round_ % len(configs)  # rotate the order: no row always runs first
+        batch = batches[round_ % len(batches)]
+        for name, rate in configs[shift:] + configs[:shift]:
             sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
-            for i in range(cfg.steps + 1):  # the first step of each block is warm-up
-                batch = batches[i % len(batches)]
-                before = sparsifier.select_s
-                runtime.synchronize(device)
-                started = time.perf_counter()
-                _step_of(name)(model, optimizer, batch, grad_clip, amp)
-                runtime.synchronize(device)
-                if i:
-                    times[name].append(time.perf_counter() - started)
-                    select[name].append((sparsifier.select_s - before) / times[name][-1])
+            before = sparsifier.select_s
+            runtime.synchronize(device)
+            started = time.perf_counter()
+            _step_of(name)(model, optimizer, batch, grad_clip, amp)
+            runtime.synchronize(device)
+            if round_:
+                times[name].append(time.perf_counter() - started)
+                select[name].append((sparsifier.select_s - before) / times[name][-1])
     peak = {}
     for name, rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
         sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
@@ -107,6 +108,7 @@ def run_bench(
             "rate": rate,
             "step_s": step_s,
             "step_s_spread": [min(times[name]), max(times[name])],
+            "step_s_samples": times[name],
             "tokens_per_s": tokens / step_s,
             "speedup": measured,
             "ideal_speedup": ideal,
