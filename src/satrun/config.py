@@ -96,12 +96,23 @@ class TrainerConfig:
     eval_every: int = 50  # 0: evaluate only at the start and the end
     eval_batches: int = 8  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
     log_every: int = 10
-    save_every: int = 0  # 0: save only the final model
+    save_every: int = 0  # checkpoint every N steps into checkpoints/step_N (0: only the final model)
+    keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
+    max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234
     activation_checkpointing: bool = False
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log
+
+
+@dataclass
+class LoggerConfig:
+    """Where train and eval records go besides metrics.jsonl, which is always written."""
+
+    name: str = "jsonl"  # jsonl (only) | tensorboard (tb/ in the run folder) | wandb
+    project: str = "satrun"  # wandb project
+    mode: str = "offline"  # wandb: offline (no network; `wandb sync` later) | online
 
 
 @dataclass
@@ -115,6 +126,8 @@ class TrainConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
 
 
 _CHOICES = {
@@ -125,6 +138,8 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "fp32", "bf16"),
     "trainer.progress": ("auto", "bar", "log"),
+    "logger.name": ("jsonl", "tensorboard", "wandb"),
+    "logger.mode": ("offline", "online"),
     "metric.name": METRICS,
     "selector.name": ("topk", "sampling"),
 }
@@ -165,6 +180,8 @@ def validate(cfg: TrainConfig) -> None:
         "trainer.eval_every": t.eval_every,
         "trainer.eval_batches": t.eval_batches,
         "trainer.save_every": t.save_every,
+        "trainer.keep_checkpoints": t.keep_checkpoints,
+        "trainer.max_skips": t.max_skips,
         "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip,
         "optim.weight_decay": o.weight_decay,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from satrun.config import TrainConfig
 from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import UsageError
-from satrun.models import load_model, load_tokenizer, max_sequence_length
+from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf.flops import Shape
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import speedup_plot
 from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
-from satrun.training import runtime
+from satrun.training import checkpoint, runtime
 from satrun.training.display import make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
-from satrun.training.saving import save_hf_folder
+from satrun.training.loggers import build_loggers
+from satrun.training.saving import save_hf_folder, write_hf_folder
 from satrun.training.trainer import train
 
 
@@ -33,30 +35,58 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     display = make_display(cfg.trainer.progress)
     display.message(f"run folder: {run_dir}")
+    resume_from = _resume_point(cfg.resume, run_dir, display)
     tokenizer, model, corpus = load_inputs(cfg)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
         f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
     )
+    resume = None
+    if resume_from is not None:
+        load_weights(model, resume_from)
+        resume = checkpoint.load_state(resume_from)
+        display.message(f"resuming from {resume_from} (step {resume['run']['step']})")
 
     sparsity = _sparsity(cfg, model)
     display.message(_describe(cfg, sparsity))
+    logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through=resume["run"]["step"] if resume else None)
 
-    def save_model(folder: Path) -> Path:
-        return save_hf_folder(model, tokenizer, folder)
+    def write_model(folder: Path) -> Path:
+        return write_hf_folder(model, tokenizer, folder)
 
-    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=save_model, hooks=[sparsity])
+    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
+                    hooks=[sparsity], resume=resume, logger=logger)
     overhead = sparsity.overhead_by_stage()
     for stage in summary["stages"]:
         stage["select_share"] = overhead.get(stage["name"], 0.0) / stage["total_s"] if stage["total_s"] else 0.0
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    final_dir = save_model(run_dir / "final")
-    summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started)
+    final_dir = save_hf_folder(model, tokenizer, run_dir / "final")
+    summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
+                   resumed_from=str(resume_from) if resume_from else None)
     write_summary(run_dir / "summary.json", summary)
     print_summary(summary)
     display.message(f"run folder: {run_dir}")
     return summary
+
+
+def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | None:
+    """The checkpoint to continue from: ``auto`` looks in this run's folder (none: start afresh);
+    a path may be a checkpoint, a run folder or its checkpoints/ folder (the newest is taken)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoint.checkpoints_in(run_dir / "checkpoints")
+        if not found:
+            display.message(f"resume=auto: no checkpoint in {run_dir}; starting from step 0")
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if (path / checkpoint.STATE_FILE).is_file():
+        return path
+    found = checkpoint.checkpoints_in(path / "checkpoints") or checkpoint.checkpoints_in(path)
+    if not found:
+        raise UsageError(f"resume={resume}: no checkpoint there (expected a checkpoints/step_N folder or a run folder holding one)")
+    return found[-1]
 
 
 def load_inputs(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:

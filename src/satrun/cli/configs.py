@@ -6,7 +6,7 @@ from pathlib import Path
 
 import satrun
 
-GROUPS = ("model", "data", "mode", "optim", "metric", "selector", "scheduler")
+GROUPS = ("model", "data", "mode", "optim", "metric", "selector", "scheduler", "logger")
 
 
 def config_dir() -> Path:

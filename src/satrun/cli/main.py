@@ -103,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if command not in COMMANDS:
         print(f"satrun: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return USAGE_EXIT
-    from satrun.errors import UsageError
+    from satrun.errors import RunStopped, UsageError
 
     _quiet_libraries()
     try:
@@ -114,6 +114,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(exc, UsageError) or _is_config_error(exc):
             print(f"satrun {command}: error: {_one_line(exc)}", file=sys.stderr)
             return USAGE_EXIT
+        if isinstance(exc, RunStopped):
+            print(f"satrun {command}: {_one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
         raise
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -71,3 +73,21 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
 def max_sequence_length(model: PreTrainedModel) -> int | None:
     """The longest sequence the model's position embedding supports, if it says."""
     return getattr(model.config, "max_position_embeddings", None)
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Load the safetensors weights of a Hugging Face folder written by ``save_pretrained`` into
+    ``model``. Tied weights (saved once) are the only keys allowed to be missing."""
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"{folder}: no .safetensors weights to load")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    untied = [name for name in missing if not any(params.get(name) is params.get(other) for other in weights)]
+    if untied or unexpected:
+        raise UsageError(f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})")

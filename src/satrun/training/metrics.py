@@ -1,4 +1,4 @@
-"""The run's record: ``metrics.jsonl`` (one JSON object per line) and ``summary.json``."""
+"""The run's ``summary.json`` and the numbers derived for it."""
 
 from __future__ import annotations
 
@@ -6,21 +6,6 @@ import json
 import math
 from pathlib import Path
 from typing import Any
-
-
-class MetricsFile:
-    """Append-only JSON-lines file, flushed after each record so a crash keeps what was logged."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle = path.open("a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

@@ -54,6 +54,15 @@ def peak_memory_bytes(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
+def memory_hint(device: torch.device) -> str:
+    """The device's memory use, for an out-of-memory message (empty on CPU)."""
+    if device.type != "cuda":
+        return ""
+    _, total = torch.cuda.mem_get_info(device)
+    return (f" (CUDA memory: peak allocated {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB, "
+            f"reserved {torch.cuda.memory_reserved(device) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB)")
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True

@@ -9,6 +9,13 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def write_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+    """safetensors + config + tokenizer into ``folder`` (not atomic by itself)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
     """safetensors + config + tokenizer, written beside ``target`` and renamed into place.
 
@@ -17,8 +24,7 @@ def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        write_hf_folder(model, tokenizer, staging)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -6,10 +6,13 @@ computes densely or sparsely is not its business. Hooks may add fields to each t
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +20,11 @@ import torch.nn.functional as F
 from satrun.config import TrainerConfig, OptimConfig
 from satrun.data import BatchStream, Corpus, eval_batches, label_tokens
 from satrun.data.sft import IGNORE
-from satrun.errors import UsageError
-from satrun.training import runtime
+from satrun.errors import Interrupted, NonFiniteLoss, UsageError
+from satrun.training import checkpoint, runtime
 from satrun.training.display import Display
-from satrun.training.metrics import MetricsFile, perplexity
+from satrun.training.loggers import JsonLines, Logger
+from satrun.training.metrics import perplexity
 from satrun.training.optim import build_optimizer, lr_at
 
 Batch = dict[str, torch.Tensor]
@@ -46,7 +50,11 @@ def train_step(
     grad_clip: float,
     amp: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, step. Returns (mean loss, grad norm) as tensors."""
+    """Forward/backward over the micro-batches, clip, step. Returns (mean loss, grad norm) as tensors.
+
+    A non-finite loss or gradient norm skips the optimizer update (the weights and optimizer
+    state stay as they were); the caller sees it in the returned values.
+    """
     n_tokens = max(1, sum(label_tokens(b) for b in micro_batches))
     total = torch.zeros((), device=micro_batches[0]["input_ids"].device)
     for batch in micro_batches:
@@ -56,7 +64,8 @@ def train_step(
         total += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
+    if bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one host sync per step
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm
 
@@ -87,6 +96,7 @@ class RunState:
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     step_log: list[tuple[str, float, int]] = field(default_factory=list)  # (stage, seconds, tokens) per step
     stage_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient)
 
 
 @dataclass
@@ -111,13 +121,18 @@ def train(
     display: Display,
     save_model: Optional[Callable[[Path], Any]] = None,
     hooks: Sequence[StepHook] = (),
+    resume: Optional[dict[str, Any]] = None,
+    logger: Optional[Logger] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
-    ``save_model(folder)`` writes the model; it is called every ``trainer.save_every`` steps
-    with ``run_dir/checkpoints/step_N`` (the final model is the caller's to save). Each hook is
-    called before every step with the step number; the fields it returns go into the train
-    records, and a ``stage`` field groups the steps for the per-stage throughput report.
+    Every ``trainer.save_every`` steps, and when SIGINT or SIGTERM arrives, a checkpoint goes to
+    ``run_dir/checkpoints/step_N``: ``save_model(folder)`` writes the model into it, the loop adds
+    its own state (the final model is the caller's to save). ``resume`` is such a checkpoint's
+    training state (the caller has loaded its weights): the run continues exactly where it
+    stopped. Each hook is called before every step with the step number; the fields it returns
+    go into the train records, and a ``stage`` field groups the steps for the per-stage report.
+    Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     """
     device = runtime.resolve_device(trainer.device)
     amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
@@ -127,14 +142,21 @@ def train(
     optimizer = build_optimizer(model, optim)
     stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed)
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
-    metrics = MetricsFile(run_dir / "metrics.jsonl")
     state = RunState()
+    if logger is None:
+        logger = JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        stream.load_state_dict(resume["data"])
+        state = RunState(**resume["run"])
+        checkpoint.restore_rng(resume["rng"])
     interval = Interval(loss=torch.zeros((), device=device))
+    last_checkpoint: list[Optional[Path]] = [None]
 
     def run_eval() -> None:
         loss = evaluate(model, held_out, amp)
         record = {"kind": "eval", "step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
-        metrics.write(record)
+        logger.log(record)
         display.eval(record)
         state.eval_history.append(record)
 
@@ -152,66 +174,95 @@ def train(
             "elapsed_s": state.train_s,
             **interval.fields,
         }
-        metrics.write(record)
+        logger.log(record)
         display.train(record)
         interval.loss.zero_()
         interval.steps, interval.tokens, interval.seconds = 0, 0, 0.0
 
+    def save_checkpoint() -> Path:
+        if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
+            log_interval()
+        training_state = {"run": asdict(state), "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+                          "rng": checkpoint.rng_state()}
+        folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, save_model, training_state,
+                                            trainer.keep_checkpoints)
+        display.message(f"checkpoint: {folder}")
+        last_checkpoint[0] = folder
+        return folder
+
     try:
-        run_eval()
-        display.start(trainer.max_steps, state.step)
-        while state.step < trainer.max_steps:
-            fields: dict[str, Any] = {}
-            for hook in hooks:
-                fields.update(hook(state.step))
-            if interval.steps and fields != interval.fields:
-                log_interval()
-            interval.fields = fields
-            state.stage_fields.setdefault(fields.get("stage", "train"), fields)
-            lr = lr_at(state.step, optim, trainer.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            started = time.perf_counter()
-            micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
-            tokens = sum(label_tokens(b) for b in micro_batches)
-            loss, grad_norm = train_step(model, optimizer, micro_batches, optim.grad_clip, amp)
-            runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
-            seconds = time.perf_counter() - started
-
-            state.step += 1
-            state.tokens += tokens
-            state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
-            state.train_s += seconds
-            state.step_log.append((fields.get("stage", "train"), seconds, tokens))
-            interval.loss += loss
-            interval.steps += 1
-            interval.tokens += tokens
-            interval.seconds += seconds
-            interval.lr, interval.grad_norm = lr, grad_norm
-
-            if state.step % trainer.log_every == 0 or state.step == trainer.max_steps:
-                log_interval()
-            if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
+        with _stop_requests() as stop:
+            if resume is None:
                 run_eval()
-            if save_model and trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
-                save_model(run_dir / "checkpoints" / f"step_{state.step}")
-        run_eval()
+            display.start(trainer.max_steps, state.step)
+            while state.step < trainer.max_steps:
+                fields: dict[str, Any] = {}
+                for hook in hooks:
+                    fields.update(hook(state.step))
+                if interval.steps and fields != interval.fields:
+                    log_interval()
+                interval.fields = fields
+                state.stage_fields.setdefault(fields.get("stage", "train"), fields)
+                lr = lr_at(state.step, optim, trainer.max_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                started = time.perf_counter()
+                micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
+                tokens = sum(label_tokens(b) for b in micro_batches)
+                loss, grad_norm = train_step(model, optimizer, micro_batches, optim.grad_clip, amp)
+                runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
+                seconds = time.perf_counter() - started
+
+                state.step += 1
+                state.tokens += tokens
+                state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+                state.train_s += seconds
+                state.step_log.append((fields.get("stage", "train"), seconds, tokens))
+                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+                    state.skipped += 1
+                    where = f"non-finite loss or gradient at step {state.step} (the update was skipped)"
+                    if state.skipped > trainer.max_skips:
+                        kept = last_checkpoint[0] or _newest(run_dir)
+                        raise NonFiniteLoss(f"{where}; {state.skipped} such steps exceed trainer.max_skips="
+                                            f"{trainer.max_skips}; last checkpoint: {kept or 'none'}")
+                    display.message(f"warning: {where}; {state.skipped} of trainer.max_skips={trainer.max_skips}")
+                else:
+                    interval.loss += loss
+                    interval.steps += 1
+                interval.tokens += tokens
+                interval.seconds += seconds
+                interval.lr, interval.grad_norm = lr, grad_norm
+
+                if interval.steps and (state.step % trainer.log_every == 0 or state.step == trainer.max_steps):
+                    log_interval()
+                if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
+                    run_eval()
+                if stop and state.step < trainer.max_steps:
+                    folder = save_checkpoint()
+                    name = signal.Signals(stop[0]).name
+                    raise Interrupted(f"stopped by {name} after step {state.step}; checkpoint saved; "
+                                      f"continue with resume={folder}", stop[0])
+                if trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
+                    save_checkpoint()
+            run_eval()
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
         raise UsageError(
             f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
-            f"in memory (step {state.step}); lower trainer.micro_batch_size and raise trainer.grad_accum"
+            f"in memory (step {state.step}){runtime.memory_hint(device)}; lower trainer.micro_batch_size and raise "
+            "trainer.grad_accum, or set trainer.activation_checkpointing=true, or shorten trainer.seq_len"
         ) from None
     finally:
         display.close()
-        metrics.close()
+        logger.close()
 
     return {
         "steps": state.step,
         "tokens": state.tokens,
         "padded_tokens": state.padded_tokens,
+        "skipped_steps": state.skipped,
         "train_loss": state.train_loss,
         "initial_eval_loss": state.eval_history[0]["eval_loss"],
         "eval_loss": state.eval_history[-1]["eval_loss"],
@@ -222,6 +273,33 @@ def train(
         "peak_mem_bytes": runtime.peak_memory_bytes(device),
         "device": str(device),
     }
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """While active, SIGINT and SIGTERM are noted (the list gets the signal number) instead of
+    killing the process, so the loop can finish its step and save. A second signal stops at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _newest(run_dir: Path) -> Optional[Path]:
+    found = checkpoint.checkpoints_in(run_dir / "checkpoints")
+    return found[-1] if found else None
 
 
 def stage_summary(step_log: Sequence[tuple[str, float, int]], stage_fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

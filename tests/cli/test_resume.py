@@ -1,0 +1,122 @@
+"""Runs that survive: exact resume, SIGTERM, kill -9 during a save, a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import TINY, read_jsonl
+
+# 12 steps of the default ladder: sparse steps 0-5, ladder 6-9, dense 10-11; checkpoints at 5 and 10.
+SHORT = [*TINY, "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=5"]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def _final_eval(run: Path) -> float:
+    return json.loads((run / "summary.json").read_text())["eval_loss"]
+
+
+@pytest.mark.parametrize("scheduler", ["dense", "ladder"])
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: Path, scheduler: str) -> None:
+    full = satrun("train", *SHORT, f"scheduler={scheduler}", "hydra.run.dir=full")
+    assert full.returncode == 0, full.stderr
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_10", "step_5"]
+    resumed = satrun("train", *SHORT, f"scheduler={scheduler}", "resume=full/checkpoints/step_5", "hydra.run.dir=resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == list(range(6, 13))  # from the step after the checkpoint, no replay
+    assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)  # bit for bit
+    assert _final_eval(tmp_path / "resumed") == _final_eval(tmp_path / "full")
+    if scheduler == "ladder":  # the resumed part crossed from the sparse stage into the ladder
+        stages = {r["stage"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
+        assert {"sparse", "dense"} <= stages and len(stages) >= 4
+
+
+def test_resume_of_a_path_without_checkpoints_is_a_usage_error(satrun, tmp_path: Path) -> None:
+    result = satrun("train", *TINY, f"resume={tmp_path}")
+    assert result.returncode == 2 and "no checkpoint" in result.stderr
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("SATRUN_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "satrun", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited early: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+LONG = [*TINY, "trainer.max_steps=60", "trainer.log_every=1", "trainer.eval_every=0"]
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(satrun, tmp_path: Path) -> None:
+    proc = _start([*LONG, "hydra.run.dir=run"], tmp_path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(_losses(tmp_path / "run")) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "SIGTERM" in stderr and "resume=" in stderr and not (tmp_path / "run" / "final").exists()
+    stopped_at = max(_losses(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at}").is_dir()
+
+    resumed = satrun("train", *LONG, "resume=auto", "hydra.run.dir=run")
+    assert resumed.returncode == 0, resumed.stderr
+    full = satrun("train", *LONG, "hydra.run.dir=full")
+    assert full.returncode == 0, full.stderr
+    assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")  # one record per step, none twice
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_path: Path) -> None:
+    args = [*LONG, "trainer.save_every=1", "trainer.keep_checkpoints=0"]
+    proc = _start([*args, "hydra.run.dir=run"], tmp_path)
+    folder = tmp_path / "run" / "checkpoints"
+
+    def saving_after_a_complete_one() -> bool:
+        names = [p.name for p in folder.iterdir()] if folder.exists() else []
+        return any(n.startswith("step_") for n in names) and any(n.startswith(".step_") for n in names)
+
+    _wait_for(saving_after_a_complete_one, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert any(p.name.startswith(".step_") for p in folder.iterdir())  # killed mid-save
+    resumed = satrun("train", *args, "resume=auto", "hydra.run.dir=run")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    full = satrun("train", *args, "hydra.run.dir=full")
+    assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(satrun, tmp_path: Path) -> None:
+    # lr 1e30: the first updates blow the weights up until the loss is no longer finite.
+    result = satrun("train", *TINY, "optim.lr=1e30", "optim.warmup_steps=0", "trainer.save_every=1",
+                    "trainer.log_every=1", "hydra.run.dir=run")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "non-finite loss or gradient at step" in line and "last checkpoint" in line
+    step = int(line.split("at step ")[1].split()[0])
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints and checkpoints[-1].name == f"step_{step - 1}"  # nothing saved after the bad step
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_non_finite_steps_may_be_skipped_up_to_a_bound(satrun, tmp_path: Path) -> None:
+    result = satrun("train", *TINY, "optim.lr=1e30", "optim.warmup_steps=0", "trainer.max_skips=3", "hydra.run.dir=run")
+    assert result.returncode == 1 and "4 such steps exceed trainer.max_skips=3" in result.stderr

@@ -1,0 +1,51 @@
+"""Checkpoint folders: complete or absent, newest by step number, the last K kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from satrun.training import checkpoint
+
+
+def _write_model(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def test_checkpoints_are_found_in_step_order_and_pruned(tmp_path: Path) -> None:
+    for step in (9, 10, 2):
+        checkpoint.save_checkpoint(tmp_path, step, _write_model, {"step": step}, keep=2)
+    assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_9", "step_10"]
+    assert checkpoint.load_state(tmp_path / "step_10") == {"step": 10}
+    assert (tmp_path / "step_10" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_failed_save_leaves_the_previous_checkpoints_alone(tmp_path: Path) -> None:
+    checkpoint.save_checkpoint(tmp_path, 1, _write_model, {"step": 1}, keep=0)
+
+    def crash(folder: Path) -> None:
+        _write_model(folder)
+        raise OSError("disk full")
+
+    try:
+        checkpoint.save_checkpoint(tmp_path, 2, crash, {"step": 2}, keep=0)
+    except OSError:
+        pass
+    assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_1"]
+
+
+def test_incomplete_folders_do_not_count(tmp_path: Path) -> None:
+    (tmp_path / "step_5").mkdir()  # no training state: e.g. copied by hand, half-way
+    (tmp_path / ".step_6.tmp-abc").mkdir()  # staging folder of a killed save
+    checkpoint.save_checkpoint(tmp_path, 3, None, {}, keep=0)
+    assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_3"]
+    assert not (tmp_path / ".step_6.tmp-abc").exists()  # the next save cleans up
+
+
+def test_rng_state_round_trips() -> None:
+    state = checkpoint.rng_state()
+    first = torch.rand(3)
+    checkpoint.restore_rng(state)
+    assert torch.equal(torch.rand(3), first)
