@@ -27,3 +27,44 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satru
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def loss_curves_plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
+    """Train loss (lines) and held-out loss (markers) against the step, one colour per run."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for i, (label, found) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        if found["train"]:
+            ax.plot(*zip(*found["train"]), color=color, label=label)
+        if found["eval"]:
+            ax.plot(*zip(*found["eval"]), "o--", color=color, alpha=0.6, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (line: train, dots: held-out)")
+    ax.grid(alpha=0.3)
+    if runs:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def throughput_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Tokens/s of each finished run (whole run and each stage) against its scheduler.rate."""
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    rated = sorted((r for r in rows if r.get("rate") is not None), key=lambda r: r["rate"])
+    series = ["tokens_per_s"] + sorted({k for r in rated for k in r if k.startswith("tokens_per_s[")})
+    for key in series:
+        points = [(r["rate"], r[key]) for r in rated if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), "o-" if key == "tokens_per_s" else "o:",
+                    label="whole run" if key == "tokens_per_s" else key[len("tokens_per_s["):-1])
+    ax.set_xlabel("scheduler.rate (omission rate)")
+    ax.set_ylabel("tokens/s")
+    ax.grid(alpha=0.3)
+    if rated:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

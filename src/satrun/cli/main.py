@@ -43,6 +43,7 @@ RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench"}
 def _help() -> str:
     lines = ["usage: satrun <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--help]", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (text, _) in COMMANDS.items()]
+    lines += ["  report   summary CSV, loss curves and tokens/s plots of run or sweep folders (satrun report PATH...)"]
     lines += ["", "config groups (choose with group=option):"]
     lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
     lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
@@ -64,22 +65,33 @@ def _is_config_error(exc: BaseException) -> bool:
 
 
 def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
-    """Run ``task`` under Hydra; a failed job's exception is re-raised here once Hydra is done.
-
-    Catching inside the job keeps Hydra from printing its own report, and lets the other jobs
-    of a sweep run.
+    """Run ``task`` under Hydra. A failed job's exception is caught in the job (so Hydra prints
+    no report of its own and the other jobs of a sweep still run): a single run re-raises it
+    here; a sweep records it in the job's folder, writes the sweep summary and exits 1.
     """
     import hydra
 
-    failures: list[Exception] = []
+    from satrun.errors import Interrupted
+    from satrun.report import ERROR_FILE
+
+    failures: list[tuple[Path, Exception]] = []
+    sweeps: list[Path] = []
 
     def job(cfg):  # type: ignore[no-untyped-def]
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and not sweeps:
+            sweeps.append(Path(hydra_cfg.sweep.dir))
         try:
             return task(cfg)
         except Exception as exc:
-            if os.environ.get("SATRUN_DEBUG"):
+            if os.environ.get("SATRUN_DEBUG") or isinstance(exc, Interrupted):  # a signal stops the sweep too
                 raise
-            failures.append(exc)
+            out = Path(hydra_cfg.runtime.output_dir)
+            (out / ERROR_FILE).write_text(_one_line(exc) + "\n", encoding="utf-8")
+            failures.append((out, exc))
             return None
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not printouts
@@ -87,10 +99,34 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
         args = [*args, f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"]
     sys.argv = [f"satrun {name}", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
-    for exc in failures[:-1]:
-        print(f"satrun {name}: job failed: {_one_line(exc)}", file=sys.stderr)
-    if failures:
-        raise failures[-1]
+    if not sweeps:
+        if failures:
+            raise failures[-1][1]
+        return 0
+    if name == "train":
+        _report([str(sweeps[0])])
+    for out, exc in failures:
+        print(f"satrun {name}: job {out.name} failed: {_one_line(exc)}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _report(args: list[str]) -> int:
+    """``satrun report PATH... [--out DIR]``: the summary CSV, plots and table of finished runs."""
+    from satrun.errors import UsageError
+    from satrun.report import find_runs, print_report, write_report
+
+    out: Optional[Path] = None
+    if "--out" in args:
+        at = args.index("--out")
+        if at + 1 >= len(args):
+            raise UsageError("--out needs a folder")
+        out, args = Path(args[at + 1]), args[:at] + args[at + 2 :]
+    if not args or any(a.startswith("-") for a in args):
+        raise UsageError("usage: satrun report PATH... [--out DIR] (run folders or sweep folders)")
+    paths = [Path(a) for a in args]
+    rows, files = write_report(find_runs(paths), out or (paths[0] if len(paths) == 1 else Path(".")))
+    print_report(rows)
+    print("report written: " + ", ".join(str(f) for f in files))
     return 0
 
 
@@ -100,13 +136,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(_help())
         return 0
     command, rest = args[0], args[1:]
-    if command not in COMMANDS:
-        print(f"satrun: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+    if command not in COMMANDS and command != "report":
+        print(f"satrun: unknown command {command!r}; commands: {', '.join(COMMANDS)}, report", file=sys.stderr)
         return USAGE_EXIT
     from satrun.errors import RunStopped, UsageError
 
     _quiet_libraries()
     try:
+        if command == "report":
+            return _report(rest)
         return _run_hydra(COMMANDS[command][1], command, rest)
     except Exception as exc:
         if os.environ.get("SATRUN_DEBUG"):
