@@ -15,32 +15,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from satrun.config import TrainerConfig, OptimConfig
 from satrun.data import BatchStream, Corpus, eval_batches, label_tokens
-from satrun.data.sft import IGNORE
 from satrun.errors import Interrupted, NonFiniteLoss, UsageError
 from satrun.training import checkpoint, runtime
 from satrun.training.display import Display
 from satrun.training.loggers import JsonLines, Logger
+from satrun.training.loss import causal_lm_loss
 from satrun.training.metrics import perplexity
 from satrun.training.optim import build_optimizer, lr_at
 
 Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
-
-
-def causal_lm_loss(model: torch.nn.Module, batch: Batch, normalizer: int) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled tokens, divided by ``normalizer``.
-
-    Dividing every micro-batch by the step's total label count makes gradient accumulation
-    weigh each token equally, however the tokens fall into micro-batches.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # shift labels, not logits: no copy
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss / normalizer
 
 
 def train_step(
