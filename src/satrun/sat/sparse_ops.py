@@ -1,10 +1,13 @@
 """Matrix products on a subset of a weight's rows or columns, with slice-only gradients.
 
-Differentiating through ``W[idx]`` makes autograd build a full-size zero gradient and scatter
-the slice into it for every op. These functions instead compute the gradient of the kept slice
-only and add it into ``W.grad`` in place (allocating ``W.grad`` once per optimizer step, as a
-dense backward would). Rows that were not kept receive exactly zero gradient. Their autograd
-graph therefore returns no gradient for the weights, only for the input.
+Differentiating through ``W[idx]`` makes autograd run a gather op and its backward (a
+full-size scatter) for every weight use, keeping the gathered copy alive for backward through
+generic machinery. These functions gather once, multiply, and in backward compute the products
+for the kept slice only, placing it into one zero-filled full-size gradient that they return
+through autograd as the weight's gradient (as large as the dense gradient, which the optimizer
+needs anyway). Rows that were not kept receive exactly zero gradient. Because the gradient
+travels through autograd, gradient accumulation, DDP's and FSDP's reduction hooks and
+gradient clipping see it like any other.
 
 Mixed precision is handled here rather than by autocast: when autocast is on, the input and the
 gathered weight slices are cast once to its dtype, the products run in that dtype with autocast
@@ -27,20 +30,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _accumulate(param: torch.Tensor, dim: int, idx: Optional[torch.Tensor], grad_slice: torch.Tensor) -> None:
-    """param.grad[idx along dim] += grad_slice (the whole gradient if idx is None)."""
-    if not param.requires_grad:
-        return
+def _full_grad(param: torch.Tensor, dim: int, idx: Optional[torch.Tensor], grad_slice: torch.Tensor) -> torch.Tensor:
+    """The full-size gradient of ``param``: ``grad_slice`` at ``idx`` along ``dim``, zero elsewhere."""
     grad_slice = grad_slice.to(param.dtype)
-    if param.grad is None:
-        if idx is None:
-            param.grad = grad_slice.clone()
-            return
-        param.grad = torch.zeros_like(param)
     if idx is None:
-        param.grad.add_(grad_slice)
-    else:
-        param.grad.index_add_(dim, idx, grad_slice)
+        return grad_slice
+    return torch.zeros_like(param).index_add_(dim, idx, grad_slice)
 
 
 class _GatheredLinear(torch.autograd.Function):
@@ -53,7 +48,7 @@ class _GatheredLinear(torch.autograd.Function):
         w = weight.index_select(dim, idx).to(dtype)
         b = None if bias is None else (bias.index_select(0, idx) if dim == 0 else bias).to(dtype)
         ctx.save_for_backward(xc, w, idx)
-        ctx.weight, ctx.bias, ctx.dim, ctx.in_dtype = weight, bias, dim, x.dtype
+        ctx.weight, ctx.bias, ctx.dim, ctx.in_dtype = weight, bias, dim, x.dtype  # for shapes and dtypes
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(xc, w, b)
 
@@ -63,10 +58,12 @@ class _GatheredLinear(torch.autograd.Function):
         g = grad_out.to(w.dtype)
         grad_x = (g @ w).to(ctx.in_dtype)
         g2 = g.reshape(-1, g.shape[-1])
-        _accumulate(ctx.weight, ctx.dim, idx, g2.t() @ x.reshape(-1, x.shape[-1]))
-        if ctx.bias is not None:
-            _accumulate(ctx.bias, 0, idx if ctx.dim == 0 else None, g2.sum(0))
-        return grad_x, None, None, None, None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_w = _full_grad(ctx.weight, ctx.dim, idx, g2.t() @ x.reshape(-1, x.shape[-1]))
+        if ctx.bias is not None and ctx.needs_input_grad[2]:
+            grad_b = _full_grad(ctx.bias, 0, idx if ctx.dim == 0 else None, g2.sum(0))
+        return grad_x, grad_w, grad_b, None, None
 
 
 def gathered_linear(
@@ -106,14 +103,15 @@ class _SparseSwiGLU(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
         gate2, act2, up2 = gate.reshape(-1, k), act.reshape(-1, k), up.reshape(-1, k)
-        _accumulate(w_down, 1, idx, dy.t() @ (act2 * up2))
+        want = ctx.needs_input_grad
+        grad_down = _full_grad(w_down, 1, idx, dy.t() @ (act2 * up2)) if want[3] else None
         d_hidden = dy @ d_w
         d_up = d_hidden * act2
         d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up2), gate2)  # one fused pass, as dense autograd
-        _accumulate(w_gate, 0, idx, d_gate.t() @ x2)
-        _accumulate(w_up, 0, idx, d_up.t() @ x2)
+        grad_gate = _full_grad(w_gate, 0, idx, d_gate.t() @ x2) if want[1] else None
+        grad_up = _full_grad(w_up, 0, idx, d_up.t() @ x2) if want[2] else None
         grad_x = (d_gate @ g_w).addmm_(d_up, u_w)
-        return grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), None, None, None, None
+        return grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), grad_gate, grad_up, grad_down, None
 
 
 def sparse_swiglu(
