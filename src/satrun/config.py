@@ -103,6 +103,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234
     activation_checkpointing: bool = False
+    strategy: str = "auto"  # auto (DDP when several ranks run) | single | ddp | fsdp (FSDP2)
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log
 
 
@@ -113,6 +114,15 @@ class LoggerConfig:
     name: str = "jsonl"  # jsonl (only) | tensorboard (tb/ in the run folder) | wandb
     project: str = "satrun"  # wandb project
     mode: str = "offline"  # wandb: offline (no network; `wandb sync` later) | online
+
+
+@dataclass
+class LauncherConfig:
+    """How ranks are started: none (one process, or ranks already started by torchrun) or
+    torchrun (satrun starts ``nproc_per_node`` ranks itself through torch.distributed)."""
+
+    name: str = "none"
+    nproc_per_node: int = 1
 
 
 @dataclass
@@ -127,6 +137,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
 
 
@@ -140,6 +151,8 @@ _CHOICES = {
     "trainer.progress": ("auto", "bar", "log"),
     "logger.name": ("jsonl", "tensorboard", "wandb"),
     "logger.mode": ("offline", "online"),
+    "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
+    "launcher.name": ("none", "torchrun"),
     "metric.name": METRICS,
     "selector.name": ("topk", "sampling"),
 }
@@ -172,6 +185,7 @@ def validate(cfg: TrainConfig) -> None:
         "trainer.micro_batch_size": t.micro_batch_size,
         "trainer.grad_accum": t.grad_accum,
         "trainer.log_every": t.log_every,
+        "launcher.nproc_per_node": cfg.launcher.nproc_per_node,
     }
     for key, value in positive.items():
         if value < 1:

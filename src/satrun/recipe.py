@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,21 +21,30 @@ from satrun.perf.flops import Shape
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import speedup_plot
 from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
-from satrun.training import checkpoint, runtime
-from satrun.training.display import make_display, print_summary
+from satrun.training import checkpoint, distributed, runtime
+from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
-from satrun.training.loggers import build_loggers
+from satrun.training.loggers import Fanout, build_loggers
 from satrun.training.saving import save_hf_folder, write_hf_folder
 from satrun.training.trainer import train
 
 
 def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Train as configured, writing metrics.jsonl, summary.json and final/ into ``run_dir``."""
+    """Train as configured, writing metrics.jsonl, summary.json and final/ into ``run_dir``.
+
+    Under torch.distributed every rank runs this; the first one alone writes the run folder.
+    With ``launcher=torchrun`` it starts the ranks itself and returns the first rank's summary.
+    """
+    if cfg.launcher.name == "torchrun" and "LOCAL_RANK" not in os.environ:
+        return launch_ranks(cfg, run_dir)
     started = time.perf_counter()
+    world = distributed.init_from_env()
+    if cfg.trainer.strategy == "fsdp" and world.size > 1 and (cfg.trainer.save_every or cfg.resume):
+        raise UsageError("trainer.save_every and resume are not supported with trainer.strategy=fsdp yet; use ddp")
     run_dir.mkdir(parents=True, exist_ok=True)
-    display = make_display(cfg.trainer.progress)
-    display.message(f"run folder: {run_dir}")
+    display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
+    display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
     resume_from = _resume_point(cfg.resume, run_dir, display)
     tokenizer, model, corpus = load_inputs(cfg)
     display.message(
@@ -49,7 +59,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
     sparsity = _sparsity(cfg, model)
     display.message(_describe(cfg, sparsity))
-    logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through=resume["run"]["step"] if resume else None)
+    keep_through = resume["run"]["step"] if resume else None
+    logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
 
     def write_model(folder: Path) -> Path:
         return write_hf_folder(model, tokenizer, folder)
@@ -61,13 +72,48 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         stage["select_share"] = overhead.get(stage["name"], 0.0) / stage["total_s"] if stage["total_s"] else 0.0
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    final_dir = save_hf_folder(model, tokenizer, run_dir / "final")
-    summary.update(final_dir=str(final_dir), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
-                   resumed_from=str(resume_from) if resume_from else None)
-    write_summary(run_dir / "summary.json", summary)
-    print_summary(summary)
+    gathered = distributed.full_state_dict(model)  # FSDP2: every rank takes part
+    if world.main:
+        save_hf_folder(model, tokenizer, run_dir / "final", gathered)
+    distributed.barrier()
+    summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
+                   resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
+                   tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
+    if world.main:
+        write_summary(run_dir / "summary.json", summary)
+        print_summary(summary)
     display.message(f"run folder: {run_dir}")
     return summary
+
+
+def launch_ranks(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Start ``launcher.nproc_per_node`` ranks on this machine with torch.distributed's own
+    launcher (what torchrun --standalone does), all training into ``run_dir``."""
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.launcher.nproc_per_node,
+                          run_id=f"satrun-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d", rdzv_endpoint="localhost:0",
+                          max_restarts=0, monitor_interval=0.2, start_method="spawn")
+    results = elastic_launch(config, _rank_main)(cfg, run_dir)
+    return results[0]
+
+
+def _rank_main(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """One rank started by :func:`launch_ranks`: its logging, then the training."""
+    import dataclasses
+    import logging
+
+    if os.environ.get("RANK", "0") == "0":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                            handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "main.log")])
+    try:
+        return run_training(dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, name="none")), run_dir)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | None:

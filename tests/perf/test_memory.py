@@ -8,6 +8,7 @@ import torch
 
 from satrun.perf.memory import TensorMemory, peak_bytes, resident_tensors
 from satrun.sat.sparsifier import Sparsifier
+from satrun.training.loss import CausalLMObjective
 from satrun.training.trainer import train_step
 from tests.sat.models import build
 
@@ -31,7 +32,7 @@ def test_resident_tensors_count_from_the_start() -> None:
 
 
 def _step_peak(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict) -> int:
-    step = lambda: train_step(model, optimizer, [batch], 1.0, contextlib.nullcontext())  # noqa: E731
+    step = lambda: train_step(CausalLMObjective(model), optimizer, [batch], 1.0, contextlib.nullcontext())  # noqa: E731
     return peak_bytes(step, CPU, resident_tensors(model, optimizer))
 
 
@@ -41,7 +42,7 @@ def test_sat_step_peaks_below_dense_step() -> None:
     ids = torch.randint(0, 97, (4, 48), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
     sparsifier = Sparsifier(model)
-    train_step(model, optimizer, [batch], 1.0, contextlib.nullcontext())  # optimizer state exists from here
+    train_step(CausalLMObjective(model), optimizer, [batch], 1.0, contextlib.nullcontext())  # optimizer state from here
     dense = _step_peak(model, optimizer, batch)
     assert dense == _step_peak(model, optimizer, batch)  # deterministic
     sparsifier.set_rates(0.5, 0.5, step=1)

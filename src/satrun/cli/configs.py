@@ -6,7 +6,7 @@ from pathlib import Path
 
 import satrun
 
-GROUPS = ("model", "data", "mode", "optim", "metric", "selector", "scheduler", "logger")
+GROUPS = ("model", "data", "mode", "optim", "metric", "selector", "scheduler", "logger", "launcher")
 
 
 def config_dir() -> Path:

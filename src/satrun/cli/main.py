@@ -95,7 +95,9 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
             return None
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not printouts
-    if name in RUN_DIRS and not any(a.startswith("hydra.run.dir=") for a in args):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args = _one_run_folder_for_all_ranks(name, args)
+    elif name in RUN_DIRS and not any(a.startswith("hydra.run.dir=") for a in args):
         args = [*args, f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"]
     sys.argv = [f"satrun {name}", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
@@ -108,6 +110,28 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
     for out, exc in failures:
         print(f"satrun {name}: job {out.name} failed: {_one_line(exc)}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
+    """Under torchrun every rank runs this command: join the process group, take the first
+    rank's time stamp for the run folder, and let only the first rank write Hydra's files."""
+    import time
+
+    import torch.distributed as dist
+
+    from satrun.errors import UsageError
+    from satrun.training import distributed
+
+    if "-m" in args or "--multirun" in args:
+        raise UsageError("a sweep (-m) cannot run under torchrun; run the sweep's jobs one by one")
+    world = distributed.init_from_env()
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+        dist.broadcast_object_list(stamp, src=0)
+        args = [*args, f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}"]
+    if not world.main:
+        args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return args
 
 
 def _report(args: list[str]) -> int:
@@ -171,4 +195,11 @@ def _quiet_libraries() -> None:
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    sys.exit(code)

@@ -6,6 +6,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from satrun.errors import UsageError
+
 from satrun.data.sft import IGNORE
 
 Example = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), 1-D int64
@@ -35,12 +37,18 @@ class BatchStream:
     """Endless shuffled micro-batches, reshuffled each epoch from ``seed + epoch``.
 
     Its position is two integers, so a resumed run continues with the very next batch without
-    replaying the data.
+    replaying the data. Under data parallelism each of ``ranks`` streams takes its slice
+    (``rank``) of one global batch of ``ranks * batch_size`` examples, so the ranks together see
+    what one process with the global batch size would.
     """
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int) -> None:
-        assert len(examples) >= batch_size, "checked when the data is built"
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
+                 rank: int = 0, ranks: int = 1) -> None:
+        if len(examples) < batch_size * ranks:
+            raise UsageError(f"{len(examples)} training examples are fewer than one global batch "
+                             f"({ranks} ranks x micro-batch {batch_size})")
+        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size * ranks, pad_id, seed
+        self.rank_slice = slice(rank * batch_size, (rank + 1) * batch_size)
         self.epoch, self.position = 0, 0
         self._order = self._permutation()
 
@@ -55,7 +63,7 @@ class BatchStream:
         if self.position + self.batch_size > len(self._order):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation()
-        chosen = self._order[self.position : self.position + self.batch_size]
+        chosen = self._order[self.position : self.position + self.batch_size][self.rank_slice]
         self.position += self.batch_size
         return collate([self.examples[i] for i in chosen], self.pad_id)
 

@@ -24,6 +24,7 @@ from satrun.sat.sparsifier import Sparsifier
 from satrun.training import runtime
 from satrun.data import label_tokens
 from satrun.perf.settings import BenchConfig
+from satrun.training.loss import CausalLMObjective
 from satrun.training.trainer import train_step
 
 
@@ -49,7 +50,7 @@ def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
 
 
 def _satrun_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, amp: Any) -> None:
-    train_step(model, optimizer, [batch], grad_clip, amp)
+    train_step(CausalLMObjective(model), optimizer, [batch], grad_clip, amp)
 
 
 def _step_of(name: str) -> Callable[..., None]:

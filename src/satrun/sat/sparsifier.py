@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
@@ -87,6 +88,15 @@ class Sparsifier:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + self.step)
         return self._generators[device]
 
+    def agree(self, scores: torch.Tensor) -> torch.Tensor:
+        """Under data parallelism, the scores of the global batch: every rank then selects the
+        same neurons (the selection generator is seeded alike everywhere). maxip's maximum over
+        tokens is reduced by maximum, the other metrics by sum."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return scores
+        dist.all_reduce(scores, op=dist.ReduceOp.MAX if self.metric.name == "maxip" else dist.ReduceOp.SUM)
+        return scores
+
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
             return selection.topk(scores, k)
@@ -150,6 +160,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                 owner.metric.name, flat, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
                 owner.metric.token_stride, owner.generator(x.device),
             )
+            scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), owner.mlp_rate, owner.selector.align)
             slot.last = (owner.choose(scores[None], k, x.device)[0],)
         owner.select_s += time.perf_counter() - started
@@ -172,7 +183,7 @@ def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
         owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.o_proj.weight, d,
         owner.metric.token_stride, owner.generator(x.device),
     )
-    heads = owner.choose(scores[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
+    heads = owner.choose(owner.agree(scores)[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
     if n_q == n_kv:
         return heads, heads, None
     return heads, torch.arange(n_kv, device=x.device), torch.div(heads, n_q // n_kv, rounding_mode="floor")

@@ -31,6 +31,25 @@ def _train_line(r: dict[str, Any]) -> str:
     )
 
 
+class QuietDisplay:
+    """Shows nothing: the display of every rank but the first."""
+
+    def start(self, total_steps: int, first_step: int) -> None:
+        pass
+
+    def train(self, record: dict[str, Any]) -> None:
+        pass
+
+    def eval(self, record: dict[str, Any]) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class LogDisplay:
     """One line per logged step, through the logging system (console and the run's log file)."""
 

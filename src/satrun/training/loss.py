@@ -22,7 +22,19 @@ CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32)
 FUSABLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: int) -> torch.Tensor:
+class CausalLMObjective(torch.nn.Module):
+    """A causal LM and its loss as one module: what the loop calls, and what DDP or FSDP wrap,
+    so that their forward hooks see the whole loss computation."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+        return causal_lm_loss(self.model, batch, normalizer)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled tokens, divided by ``normalizer``.
 
     Dividing every micro-batch by the step's total label count makes gradient accumulation

@@ -17,7 +17,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step (CPU and CUDA): on a 2-core CPU it updates SmolLM2-135M in 0.1 s
     # where the default multi-tensor path takes 0.5 s, a tenth of a training step.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    from torch.distributed.tensor import DTensor  # FSDP2's sharded parameters take the default path
+
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
+                and not isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 

@@ -19,10 +19,10 @@ import torch
 from satrun.config import TrainerConfig, OptimConfig
 from satrun.data import BatchStream, Corpus, eval_batches, label_tokens
 from satrun.errors import Interrupted, NonFiniteLoss, UsageError
-from satrun.training import checkpoint, runtime
+from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import Display
 from satrun.training.loggers import JsonLines, Logger
-from satrun.training.loss import causal_lm_loss
+from satrun.training.loss import CausalLMObjective
 from satrun.training.metrics import perplexity
 from satrun.training.optim import build_optimizer, lr_at
 
@@ -31,7 +31,7 @@ StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step;
 
 
 def train_step(
-    model: torch.nn.Module,
+    objective: Callable[[Batch, float], torch.Tensor],
     optimizer: torch.optim.Optimizer,
     micro_batches: Sequence[Batch],
     grad_clip: float,
@@ -39,16 +39,22 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward/backward over the micro-batches, clip, step. Returns (mean loss, grad norm) as tensors.
 
-    A non-finite loss or gradient norm skips the optimizer update (the weights and optimizer
-    state stay as they were); the caller sees it in the returned values.
+    The loss is normalised by the label tokens of the whole step on all ranks, and scaled by the
+    number of ranks, which DDP and FSDP divide the summed gradients by. A non-finite loss or
+    gradient norm skips the optimizer update; the caller sees it in the returned values.
     """
-    n_tokens = max(1, sum(label_tokens(b) for b in micro_batches))
-    total = torch.zeros((), device=micro_batches[0]["input_ids"].device)
+    device = micro_batches[0]["input_ids"].device
+    ranks = distributed.current().size
+    n_tokens = max(1.0, distributed.total(sum(label_tokens(b) for b in micro_batches), device))
+    total = torch.zeros((), device=device)
     for batch in micro_batches:
         with amp:
-            loss = causal_lm_loss(model, batch, n_tokens)
+            loss = objective(batch, n_tokens / ranks)
         loss.backward()
         total += loss.detach()
+    if ranks > 1:
+        torch.distributed.all_reduce(total)
+        total /= ranks
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     if bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one host sync per step
@@ -58,16 +64,16 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Sequence[Batch], amp: Any) -> float:
-    """Mean next-token loss over all labelled held-out tokens."""
-    model.eval()
+def evaluate(objective: Callable[[Batch, float], torch.Tensor], batches: Sequence[Batch], amp: Any) -> float:
+    """Mean next-token loss over all labelled held-out tokens (every rank sees all of them)."""
+    objective.eval()
     total, count = 0.0, 0
     for batch in batches:
         n = label_tokens(batch)
         with amp:
-            total += float(causal_lm_loss(model, batch, 1))
+            total += float(objective(batch, 1))
         count += n
-    model.train()
+    objective.train()
     return total / max(1, count)
 
 
@@ -121,13 +127,16 @@ def train(
     go into the train records, and a ``stage`` field groups the steps for the per-stage report.
     Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     """
-    device = runtime.resolve_device(trainer.device)
+    world = distributed.current()
+    device = distributed.device_of(world, runtime.resolve_device(trainer.device))
     amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
     model.to(device).train()
     if trainer.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)
+    blocks = list(getattr(getattr(model, "model", model), "layers", []))
+    objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device)
     optimizer = build_optimizer(model, optim)
-    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed)
+    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size)
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
     state = RunState()
     if logger is None:
@@ -141,7 +150,7 @@ def train(
     last_checkpoint: list[Optional[Path]] = [None]
 
     def run_eval() -> None:
-        loss = evaluate(model, held_out, amp)
+        loss = evaluate(objective, held_out, amp)
         record = {"kind": "eval", "step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
         logger.log(record)
         display.eval(record)
@@ -169,11 +178,14 @@ def train(
     def save_checkpoint() -> Path:
         if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             log_interval()
-        training_state = {"run": asdict(state), "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
-                          "rng": checkpoint.rng_state()}
-        folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, save_model, training_state,
-                                            trainer.keep_checkpoints)
-        display.message(f"checkpoint: {folder}")
+        folder = run_dir / "checkpoints" / f"step_{state.step}"
+        if world.main:  # under DDP every rank holds the same weights and optimizer state
+            training_state = {"run": asdict(state), "optimizer": optimizer.state_dict(),
+                              "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, save_model, training_state,
+                                                trainer.keep_checkpoints)
+            display.message(f"checkpoint: {folder}")
+        distributed.barrier()
         last_checkpoint[0] = folder
         return folder
 
@@ -196,14 +208,14 @@ def train(
 
                 started = time.perf_counter()
                 micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
-                tokens = sum(label_tokens(b) for b in micro_batches)
-                loss, grad_norm = train_step(model, optimizer, micro_batches, optim.grad_clip, amp)
+                tokens = round(distributed.total(sum(label_tokens(b) for b in micro_batches), device))
+                loss, grad_norm = train_step(objective, optimizer, micro_batches, optim.grad_clip, amp)
                 runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
                 seconds = time.perf_counter() - started
 
                 state.step += 1
                 state.tokens += tokens
-                state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+                state.padded_tokens += world.size * sum(b["input_ids"].numel() for b in micro_batches)
                 state.train_s += seconds
                 state.step_log.append((fields.get("stage", "train"), seconds, tokens))
                 if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -225,11 +237,11 @@ def train(
                     log_interval()
                 if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
                     run_eval()
-                if stop and state.step < trainer.max_steps:
+                if distributed.any_rank(bool(stop), device) and state.step < trainer.max_steps:
                     folder = save_checkpoint()
-                    name = signal.Signals(stop[0]).name
-                    raise Interrupted(f"stopped by {name} after step {state.step}; checkpoint saved; "
-                                      f"continue with resume={folder}", stop[0])
+                    number = stop[0] if stop else signal.SIGTERM  # a rank the signal did not reach
+                    raise Interrupted(f"stopped by {signal.Signals(number).name} after step {state.step}; "
+                                      f"checkpoint saved; continue with resume={folder}", number)
                 if trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
                     save_checkpoint()
             run_eval()
