@@ -1,0 +1,88 @@
+"""Two CPU ranks (gloo) train exactly like one process on the global batch: DDP and FSDP2,
+dense and SAT; one run folder; launcher=torchrun; resume under DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.cli.conftest import read_jsonl, run_satrun
+
+RUN = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.eval_every=0", "trainer.eval_batches=1",
+       "trainer.log_every=1"]
+SCHEDULERS = {"dense": ["scheduler=dense"],
+              "sat": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0.5"]}
+
+
+def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "satrun", "train",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One process, micro-batch 4: the global batch of two ranks with micro-batch 2."""
+    root = tmp_path_factory.mktemp("single")
+    for name, scheduler in SCHEDULERS.items():
+        result = run_satrun(["train", *RUN, *scheduler, "trainer.micro_batch_size=4", f"hydra.run.dir={name}"], root)
+        assert result.returncode == 0, result.stderr
+    return {name: root / name for name in SCHEDULERS}
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
+    assert losses == pytest.approx(expected, rel=1e-5)
+    got, want = load_file(run / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat")])
+def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
+    result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
+                      tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1  # one run folder, chosen once for both ranks
+    assert len(list(tmp_path.rglob("metrics.jsonl"))) == 1
+    assert (runs[0] / ".hydra" / "config.yaml").is_file()
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["tokens_per_s_per_rank"] == pytest.approx(summary["tokens_per_s"] / 2)
+    assert_same_training(runs[0], single[scheduler])
+
+
+def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> None:
+    result = run_satrun(["train", *RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "launcher=torchrun",
+                         "launcher.nproc_per_node=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and len(list(tmp_path.rglob("metrics.jsonl"))) == 1
+    assert_same_training(runs[0], single["sat"])
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(runs[0] / "final").config.num_hidden_layers == 2
+
+
+def test_resume_under_ddp_continues_exactly(tmp_path: Path) -> None:
+    args = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2"]
+    full = torchrun([*args, "hydra.run.dir=full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed = torchrun([*args, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"}
+    resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
+    assert sorted(resumed_losses) == [3, 4] and all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
+
+
+def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:
+    result = torchrun(["-m", *RUN, "optim.lr=1e-3,2e-3"], tmp_path)
+    assert result.returncode != 0 and "cannot run under torchrun" in result.stderr

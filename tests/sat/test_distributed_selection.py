@@ -1,0 +1,54 @@
+"""Under data parallelism every rank keeps the same neurons, although each sees other tokens."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from satrun.sat.settings import MetricConfig, SelectorConfig
+from satrun.sat.sparsifier import Sparsifier
+from tests.sat.models import build
+
+
+def _kept(rank: int) -> list[tuple[list[int], list[int]]]:
+    model = build("llama-mha")
+    sparsifier = Sparsifier(model, MetricConfig(name="maxip", token_stride=2), SelectorConfig(name="topk"), seed=3)
+    sparsifier.set_rates(0.5, 0.5, step=7)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(100 + rank))  # different data
+    model(input_ids=ids).logits.sum().backward()
+    kept = [sparsifier.last_selection(layer) for layer in range(2)]
+    return [(k["channels"].tolist(), k["heads"].tolist()) for k in kept]
+
+
+def _rank(rank: int, port: int, results: "mp.Queue") -> None:
+    alone = _kept(rank)  # before joining: each rank would pick from its own tokens
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results.put((rank, (alone, _kept(rank))))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_select_the_same_heads_and_channels() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(rank, port, results)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120)[:2] for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (alone_0, together_0), (alone_1, together_1) = got[0], got[1]
+    assert alone_0 != alone_1  # the data differ enough to change the choice...
+    assert together_0 == together_1  # ...but with the scores reduced, both ranks keep the same neurons
+    channels, heads = together_0[0]
+    assert len(channels) == 40 and len(heads) == 2  # half of 80 channels and of 4 heads
