@@ -40,8 +40,6 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         return launch_ranks(cfg, run_dir)
     started = time.perf_counter()
     world = distributed.init_from_env()
-    if cfg.trainer.strategy == "fsdp" and world.size > 1 and (cfg.trainer.save_every or cfg.resume):
-        raise UsageError("trainer.save_every and resume are not supported with trainer.strategy=fsdp yet; use ddp")
     run_dir.mkdir(parents=True, exist_ok=True)
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
@@ -62,8 +60,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     keep_through = resume["run"]["step"] if resume else None
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
 
-    def write_model(folder: Path) -> Path:
-        return write_hf_folder(model, tokenizer, folder)
+    def write_model(folder: Path, weights: dict | None) -> Path:
+        return write_hf_folder(model, tokenizer, folder, weights)
 
     summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
                     hooks=[sparsity], resume=resume, logger=logger)

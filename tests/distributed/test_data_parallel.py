@@ -1,5 +1,5 @@
 """Two CPU ranks (gloo) train exactly like one process on the global batch: DDP and FSDP2,
-dense and SAT; one run folder; launcher=torchrun; resume under DDP."""
+dense and SAT; one run folder; launcher=torchrun; exact resume under DDP and FSDP2."""
 
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> No
     assert AutoModelForCausalLM.from_pretrained(runs[0] / "final").config.num_hidden_layers == 2
 
 
-def test_resume_under_ddp_continues_exactly(tmp_path: Path) -> None:
-    args = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2"]
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resume_continues_exactly(tmp_path: Path, strategy: str) -> None:
+    args = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2", f"trainer.strategy={strategy}"]
     full = torchrun([*args, "hydra.run.dir=full"], tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
     resumed = torchrun([*args, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
@@ -81,6 +82,10 @@ def test_resume_under_ddp_continues_exactly(tmp_path: Path) -> None:
     full_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"}
     resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
     assert sorted(resumed_losses) == [3, 4] and all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
+    from transformers import AutoModelForCausalLM  # the checkpoint's model folder holds whole (gathered) weights
+
+    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoints" / "step_2")
+    assert checkpoint.model.embed_tokens.weight.shape == (49152, 64)
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:

@@ -74,15 +74,38 @@ def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, 
     return module
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Under FSDP2, the unsharded weights on CPU (a collective: every rank calls it); else None."""
+def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Under FSDP2, the unsharded weights on CPU (a collective: every rank calls it); else None."""
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state as one process would hold it (under FSDP2 gathered: a collective)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The inverse of :func:`optimizer_state`: under FSDP2 each rank keeps its shard of it."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def total(value: float, device: torch.device) -> float:

@@ -112,7 +112,7 @@ def train(
     optim: OptimConfig,
     run_dir: Path,
     display: Display,
-    save_model: Optional[Callable[[Path], Any]] = None,
+    save_model: Optional[Callable[[Path, Optional[dict]], Any]] = None,
     hooks: Sequence[StepHook] = (),
     resume: Optional[dict[str, Any]] = None,
     logger: Optional[Logger] = None,
@@ -120,7 +120,8 @@ def train(
     """Train ``model`` on ``corpus``; returns the run summary.
 
     Every ``trainer.save_every`` steps, and when SIGINT or SIGTERM arrives, a checkpoint goes to
-    ``run_dir/checkpoints/step_N``: ``save_model(folder)`` writes the model into it, the loop adds
+    ``run_dir/checkpoints/step_N``: ``save_model(folder, weights)`` writes the model into it
+    (``weights``: gathered from FSDP2 shards, else None for the model's own), the loop adds
     its own state (the final model is the caller's to save). ``resume`` is such a checkpoint's
     training state (the caller has loaded its weights): the run continues exactly where it
     stopped. Each hook is called before every step with the step number; the fields it returns
@@ -142,7 +143,7 @@ def train(
     if logger is None:
         logger = JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, resume["optimizer"])
         stream.load_state_dict(resume["data"])
         state = RunState(**resume["run"])
         checkpoint.restore_rng(resume["rng"])
@@ -179,10 +180,13 @@ def train(
         if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             log_interval()
         folder = run_dir / "checkpoints" / f"step_{state.step}"
+        weights = distributed.full_state_dict(model)  # FSDP2: gathered (every rank takes part)
+        optimizer_state = distributed.optimizer_state(model, optimizer)
         if world.main:  # under DDP every rank holds the same weights and optimizer state
-            training_state = {"run": asdict(state), "optimizer": optimizer.state_dict(),
+            training_state = {"run": asdict(state), "optimizer": optimizer_state,
                               "data": stream.state_dict(), "rng": checkpoint.rng_state()}
-            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, save_model, training_state,
+            write = (lambda out: save_model(out, weights)) if save_model else None
+            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, write, training_state,
                                                 trainer.keep_checkpoints)
             display.message(f"checkpoint: {folder}")
         distributed.barrier()
