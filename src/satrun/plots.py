@@ -11,6 +11,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str = "", legend_size: float = 9) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satrun bench") -> Path:
     """Measured and ideal speed-up over the dense step against the omission rate."""
     sparse = sorted((r for r in rows if r["rate"] > 0), key=lambda r: r["rate"])
@@ -18,15 +32,7 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satru
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.plot(rates, [1.0] + [r["ideal_speedup"] for r in sparse], "--o", color="grey", label="ideal (FLOP model)")
     ax.plot(rates, [1.0] + [r["speedup"] for r in sparse], "-o", color="tab:blue", label="measured")
-    ax.set_xlabel("omission rate")
-    ax.set_ylabel("speed-up over dense step")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "omission rate", "speed-up over dense step", title)
 
 
 def loss_curves_plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
@@ -38,15 +44,7 @@ def loss_curves_plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: 
             ax.plot(*zip(*found["train"]), color=color, label=label)
         if found["eval"]:
             ax.plot(*zip(*found["eval"]), "o--", color=color, alpha=0.6, markersize=4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (line: train, dots: held-out)")
-    ax.grid(alpha=0.3)
-    if runs:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "step", "loss (line: train, dots: held-out)", legend_size=7)
 
 
 def throughput_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -59,12 +57,4 @@ def throughput_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         if points:
             ax.plot(*zip(*points), "o-" if key == "tokens_per_s" else "o:",
                     label="whole run" if key == "tokens_per_s" else key[len("tokens_per_s["):-1])
-    ax.set_xlabel("scheduler.rate (omission rate)")
-    ax.set_ylabel("tokens/s")
-    ax.grid(alpha=0.3)
-    if rated:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "scheduler.rate (omission rate)", "tokens/s", legend_size=7)

@@ -101,6 +101,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_p
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout + resumed.stderr
     full = satrun("train", *LONG, "hydra.run.dir=full")
+    assert full.returncode == 0, full.stderr
     assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
 
 

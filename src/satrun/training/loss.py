@@ -101,10 +101,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second full-size buffer
         h_dtype, w_dtype = ctx.dtypes
         return (
-            None if grad_h is None else (grad_h * grad_out).to(h_dtype),
-            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+            None if grad_h is None else grad_h.mul_(grad_out).to(h_dtype),
+            None if grad_w is None else grad_w.mul_(grad_out).to(w_dtype),
             None,
         )
