@@ -115,7 +115,7 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
 def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
     """Under torchrun every rank runs this command: join the process group, take the first
     rank's time stamp for the run folder, and let only the first rank write Hydra's files."""
-    import time
+    from datetime import datetime
 
     import torch.distributed as dist
 
@@ -126,7 +126,7 @@ def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
         raise UsageError("a sweep (-m) cannot run under torchrun; run the sweep's jobs one by one")
     world = distributed.init_from_env()
     if not any(a.startswith("hydra.run.dir=") for a in args):
-        stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+        stamp = [datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")]  # the format of Hydra's own run folders
         dist.broadcast_object_list(stamp, src=0)
         args = [*args, f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}"]
     if not world.main:
