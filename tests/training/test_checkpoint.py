@@ -49,3 +49,11 @@ def test_rng_state_round_trips() -> None:
     first = torch.rand(3)
     checkpoint.restore_rng(state)
     assert torch.equal(torch.rand(3), first)
+
+
+def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:
+    checkpoint.save_checkpoint(tmp_path, 4, _write_model, {"run": 1}, keep=0)
+    checkpoint.save_checkpoint(tmp_path, 4, None, {"run": 2}, keep=0)
+    assert checkpoint.load_state(tmp_path / "step_4") == {"run": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]  # no old copy, no staging left
+    assert not (tmp_path / "step_4" / "model.safetensors").exists()

@@ -61,3 +61,16 @@ def test_bf16_autocast_stays_close_to_the_logits_path() -> None:
         expected = _reference(model, batch)
         got = causal_lm_loss(model, batch, 50)
     assert got.item() == pytest.approx(expected.item(), rel=1e-2)
+
+
+def test_evaluation_builds_no_gradient_buffers() -> None:
+    from satrun.perf.memory import TensorMemory
+
+    hidden, weight = torch.randn(8, 256, requires_grad=True), torch.randn(4000, 256, requires_grad=True)
+    targets = torch.randint(0, 4000, (8,))
+    tracker = TensorMemory(torch.device("cpu"))
+    tracker.track([hidden, weight, targets])
+    inputs = tracker.live
+    with torch.no_grad(), tracker:
+        linear_cross_entropy(hidden, weight, targets)
+    assert tracker.peak - inputs < weight.numel() * 4  # a gradient of the head's weight alone would be this big

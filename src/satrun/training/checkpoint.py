@@ -44,12 +44,13 @@ def save_checkpoint(
             write_model(staging)
         torch.save(state, staging / STATE_FILE)
         _sync_folder(staging)
-        if target.exists():
-            shutil.rmtree(target)
+        if target.exists():  # out of the way by a rename: a checkpoint is never half-deleted
+            target.rename(staging.with_name(f"{staging.name}-old"))
         staging.rename(target)
         _sync_folder(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(f"{staging.name}-old"), ignore_errors=True)
     for old in checkpoints_in(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -31,7 +31,7 @@ class JsonLines:
         self.path = path
         if keep_through is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= keep_through]
+                    if _step_of(line) is not None and _step_of(line) <= keep_through]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
@@ -43,6 +43,14 @@ class JsonLines:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def _step_of(line: str) -> Optional[int]:
+    """The step of a JSON-lines record; None for a line torn by a crash."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 def _scalars(record: dict[str, Any]) -> dict[str, float]:

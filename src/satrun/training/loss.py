@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from satrun.data.sft import IGNORE
 
@@ -63,43 +64,56 @@ def _plain_head(model: torch.nn.Module) -> Optional[torch.Tensor]:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """sum over tokens of cross_entropy(hidden @ weight.T, targets), IGNORE targets left out."""
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), IGNORE targets left out.
+
+    Without autograd (evaluation under ``torch.no_grad``) only the loss is computed.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets)
+    return _chunked(hidden, weight, targets, want_h=False, want_w=False)[0]
+
+
+def _chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, want_h: bool, want_w: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(summed loss, d loss / d hidden, d loss / d weight), the gradients only where wanted."""
+    kind = hidden.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+    h, w = hidden.to(dtype), weight.to(dtype)
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    rows = max(1, CHUNK_ELEMENTS // w.shape[0])
+    with torch.autocast(kind, enabled=False):
+        for start in range(0, h.shape[0], rows):
+            h_c, t_c = h[start : start + rows], targets[start : start + rows]
+            logits = (h_c @ w.t()).float()
+            valid = t_c != IGNORE
+            picked = t_c.clamp_min(0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
+            if not (want_h or want_w):
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(grad.shape[0], device=grad.device), picked] -= 1.0
+            grad = grad.mul_(valid[:, None]).to(dtype)
+            if grad_h is not None:
+                torch.mm(grad, w, out=grad_h[start : start + rows])
+            if grad_w is not None:
+                grad_w += grad.t() @ h_c
+    return total, grad_h, grad_w
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets):  # type: ignore[no-untyped-def]
-        kind = hidden.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        rows = max(1, CHUNK_ELEMENTS // w.shape[0])
-        with torch.autocast(kind, enabled=False):
-            for start in range(0, h.shape[0], rows):
-                h_c, t_c = h[start : start + rows], targets[start : start + rows]
-                logits = (h_c @ w.t()).float()
-                valid = t_c != IGNORE
-                picked = t_c.clamp_min(0)
-                lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, picked[:, None])[:, 0]) * valid).sum()
-                if not (want_h or want_w):
-                    continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                grad[torch.arange(grad.shape[0], device=grad.device), picked] -= 1.0
-                grad = grad.mul_(valid[:, None]).to(dtype)
-                if grad_h is not None:
-                    torch.mm(grad, w, out=grad_h[start : start + rows])
-                if grad_w is not None:
-                    grad_w += grad.t() @ h_c
+        total, grad_h, grad_w = _chunked(hidden, weight, targets, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
+    @once_differentiable  # the gradients were computed in forward; there is no graph through them
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second full-size buffer
         h_dtype, w_dtype = ctx.dtypes

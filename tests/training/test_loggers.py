@@ -1,0 +1,19 @@
+"""metrics.jsonl on resume: later records dropped, a line torn by a crash skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from satrun.training.loggers import JsonLines
+
+
+def test_resume_keeps_records_through_the_checkpoint_and_skips_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st', encoding="utf-8")  # killed mid-write
+    logger = JsonLines(path, keep_through=2)
+    logger.log({"kind": "train", "step": 3, "loss": 0.5})
+    logger.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 1.0), (3, 0.5)]
