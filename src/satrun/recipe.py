@@ -43,7 +43,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
-    resume_from = _resume_point(cfg.resume, run_dir, display)
+    resume_from = _agreed_resume_point(cfg.resume, run_dir, display, world.main)
     tokenizer, model, corpus = load_inputs(cfg)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
@@ -112,6 +112,21 @@ def _rank_main(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _agreed_resume_point(resume: str | None, run_dir: Path, display: Any, main: bool) -> Path | None:
+    """The first rank looks the checkpoint up and every rank takes its answer (or its error):
+    ranks without a shared file system must not each choose their own."""
+    answer: tuple[str, Any] = ("ok", None)
+    if main:
+        try:
+            answer = ("ok", _resume_point(resume, run_dir, display))
+        except UsageError as exc:
+            answer = ("error", str(exc))
+    status, value = distributed.from_main(answer)
+    if status == "error":
+        raise UsageError(value)
+    return value
 
 
 def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | None:

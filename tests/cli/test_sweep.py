@@ -52,3 +52,26 @@ def test_report_of_a_folder_without_runs_is_a_usage_error(satrun, tmp_path: Path
     (tmp_path / "empty").mkdir()
     result = satrun("report", "empty")
     assert result.returncode == 2 and "empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_signal_stops_the_whole_sweep(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "-m", "satrun", "train", "-m", *TINY, "trainer.max_steps=400",
+                             "optim.lr=1e-4,2e-4", "hydra.sweep.dir=sweep"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "sweep" / "0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert (tmp_path / "sweep" / "0" / "checkpoints").is_dir()
+    assert not (tmp_path / "sweep" / "1" / "metrics.jsonl").exists()  # the next job did not train

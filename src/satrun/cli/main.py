@@ -76,6 +76,7 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
 
     failures: list[tuple[Path, Exception]] = []
     sweeps: list[Path] = []
+    interrupted: list[Interrupted] = []
 
     def job(cfg):  # type: ignore[no-untyped-def]
         from hydra.core.hydra_config import HydraConfig
@@ -84,11 +85,16 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode == RunMode.MULTIRUN and not sweeps:
             sweeps.append(Path(hydra_cfg.sweep.dir))
+        if interrupted:  # a signal stops the whole sweep: the remaining jobs do nothing
+            return None
         try:
             return task(cfg)
         except Exception as exc:
-            if os.environ.get("SATRUN_DEBUG") or isinstance(exc, Interrupted):  # a signal stops the sweep too
+            if os.environ.get("SATRUN_DEBUG"):
                 raise
+            if isinstance(exc, Interrupted):
+                interrupted.append(exc)
+                return None
             out = Path(hydra_cfg.runtime.output_dir)
             (out / ERROR_FILE).write_text(_one_line(exc) + "\n", encoding="utf-8")
             failures.append((out, exc))
@@ -101,6 +107,8 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
         args = [*args, f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"]
     sys.argv = [f"satrun {name}", *args]
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
+    if interrupted:
+        raise interrupted[0]
     if not sweeps:
         if failures:
             raise failures[-1][1]

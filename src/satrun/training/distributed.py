@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from satrun.errors import UsageError
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,15 @@ def total(value: float, device: torch.device) -> float:
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is true on some rank (e.g. a signal that reached one rank)."""
     return total(1.0 if flag else 0.0, device) > 0
+
+
+def from_main(value: T) -> T:
+    """The first rank's ``value`` on every rank (e.g. a path only it has looked up)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
