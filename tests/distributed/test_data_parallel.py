@@ -91,3 +91,35 @@ def test_resume_continues_exactly(tmp_path: Path, strategy: str) -> None:
 def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:
     result = torchrun(["-m", *RUN, "optim.lr=1e-3,2e-3"], tmp_path)
     assert result.returncode != 0 and "cannot run under torchrun" in result.stderr
+
+
+def _stop_launcher_run(tmp_path: Path, send) -> tuple[subprocess.Popen, str]:  # type: ignore[no-untyped-def]
+    import signal  # noqa: F401
+    import time
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "satrun", "train", *RUN, "trainer.max_steps=2000",
+                             "trainer.micro_batch_size=2", "launcher=torchrun", "launcher.nproc_per_node=2",
+                             "hydra.run.dir=run"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and '"train"' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    send(proc)
+    _, stderr = proc.communicate(timeout=120)
+    return proc, stderr
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to the group", "sigterm to the launcher"])
+def test_launcher_torchrun_ranks_save_and_exit_on_a_signal(tmp_path: Path, how: str) -> None:
+    import signal
+
+    if how == "ctrl-c to the group":
+        proc, stderr = _stop_launcher_run(tmp_path, lambda p: os.killpg(p.pid, signal.SIGINT))
+        assert proc.returncode == 130, stderr[-2000:]
+    else:
+        proc, stderr = _stop_launcher_run(tmp_path, lambda p: p.send_signal(signal.SIGTERM))
+        assert proc.returncode == 143, stderr[-2000:]
+    assert "resume=" in stderr.strip().splitlines()[-1]
+    assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1

@@ -281,16 +281,18 @@ def train(
 @contextlib.contextmanager
 def _stop_requests() -> Iterator[list[int]]:
     """While active, SIGINT and SIGTERM are noted (the list gets the signal number) instead of
-    killing the process, so the loop can finish its step and save. A second signal stops at once."""
+    killing the process, so the loop can finish its step and save. A second Ctrl-C stops at once;
+    a repeated SIGTERM (e.g. sent both to the process group and by a launcher) changes nothing."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
 
     def note(signum: int, frame: Any) -> None:
-        if received:
+        if received and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        received.append(signum)
+        if not received:
+            received.append(signum)
 
     previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
