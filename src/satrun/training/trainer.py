@@ -36,8 +36,9 @@ def train_step(
     micro_batches: Sequence[Batch],
     grad_clip: float,
     amp: Any,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the micro-batches, clip, step. Returns (mean loss, grad norm) as tensors.
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward/backward over the micro-batches, clip, step. Returns the mean loss and the grad
+    norm (tensors) and the step's label tokens on all ranks.
 
     The loss is normalised by the label tokens of the whole step on all ranks, and scaled by the
     number of ranks, which DDP and FSDP divide the summed gradients by. A non-finite loss or
@@ -45,7 +46,8 @@ def train_step(
     """
     device = micro_batches[0]["input_ids"].device
     ranks = distributed.current().size
-    n_tokens = max(1.0, distributed.total(sum(label_tokens(b) for b in micro_batches), device))
+    labelled = distributed.total(sum(label_tokens(b) for b in micro_batches), device)
+    n_tokens = max(1.0, labelled)
     total = torch.zeros((), device=device)
     for batch in micro_batches:
         with amp:
@@ -60,7 +62,7 @@ def train_step(
     if bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one host sync per step
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm
+    return total, grad_norm, round(labelled)
 
 
 @torch.no_grad()
@@ -212,8 +214,7 @@ def train(
 
                 started = time.perf_counter()
                 micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
-                tokens = round(distributed.total(sum(label_tokens(b) for b in micro_batches), device))
-                loss, grad_norm = train_step(objective, optimizer, micro_batches, optim.grad_clip, amp)
+                loss, grad_norm, tokens = train_step(objective, optimizer, micro_batches, optim.grad_clip, amp)
                 runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
                 seconds = time.perf_counter() - started
 
