@@ -181,7 +181,8 @@ def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | Non
 
 def load_inputs(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
     """Seeded tokenizer, model (CPU, fp32) and data, after the checks that need no data."""
-    runtime.resolve_device(cfg.trainer.device)  # fail on a bad device before loading anything
+    if runtime.resolve_device(cfg.trainer.device).type == "cpu":  # also fails on a bad device before loading
+        runtime.keep_freed_host_memory()
     runtime.seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)

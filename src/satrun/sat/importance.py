@@ -47,7 +47,7 @@ def channel_scores(
         return w_gate.abs() @ norms + w_up.abs() @ norms
     if metric == "maxip":
         sub = x[::stride].to(w_gate.dtype)
-        return (F.silu(sub @ w_gate.t()) * (sub @ w_up.t())).abs().amax(0)
+        return F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t()).abs_().amax(0)
     raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
 
 

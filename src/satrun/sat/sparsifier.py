@@ -167,13 +167,16 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
 
 
-def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(kept query heads, KV heads to compute, each kept query head's position among those).
+def _select_heads(
+    module: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(kept query heads, KV heads to compute or None for all, each kept query head's KV head).
 
     Query heads are chosen freely, so the kept count is exact for any head count. Under
     multi-head attention only the kept heads' keys and values are computed. Under grouped-query
-    attention all KV heads are computed (they are few, and a data-dependent subset would force a
-    device sync) and expanded to one per kept query head, as the dense path's repeat_kv does.
+    attention all KV heads are computed by the module's own projections (they are few, and a
+    data-dependent subset would force a device sync) and expanded to one per kept query head, as
+    the dense path's repeat_kv does.
     """
     owner: Sparsifier = module._sat.owner
     d = module.head_dim
@@ -186,11 +189,16 @@ def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
     heads = owner.choose(owner.agree(scores)[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
     if n_q == n_kv:
         return heads, heads, None
-    return heads, torch.arange(n_kv, device=x.device), torch.div(heads, n_q // n_kv, rounding_mode="floor")
+    return heads, None, torch.div(heads, n_q // n_kv, rounding_mode="floor")
 
 
 def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
+
+
+def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The projection's output rows ``rows``, or all of them (None, through the module itself)."""
+    return linear(x) if rows is None else gathered_linear(x, linear.weight, linear.bias, rows, 0)
 
 
 def _attention_forward(
@@ -209,14 +217,14 @@ def _attention_forward(
         started = time.perf_counter()
         with torch.no_grad():
             q_heads, kv_heads, kv_of_q = _select_heads(self, hidden_states)
-            slot.last = (q_heads, _rows(q_heads, self.head_dim), _rows(kv_heads, self.head_dim), kv_of_q)
+            kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
+            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, kv_of_q)
         owner.select_s += time.perf_counter() - started
     _, q_rows, kv_rows, kv_of_q = slot.last
     batch, length, _ = hidden_states.shape
     d = self.head_dim
-    q = gathered_linear(hidden_states, self.q_proj.weight, self.q_proj.bias, q_rows, 0)
-    k = gathered_linear(hidden_states, self.k_proj.weight, self.k_proj.bias, kv_rows, 0)
-    v = gathered_linear(hidden_states, self.v_proj.weight, self.v_proj.bias, kv_rows, 0)
+    q, k, v = (_project(proj, hidden_states, rows) for proj, rows in
+               ((self.q_proj, q_rows), (self.k_proj, kv_rows), (self.v_proj, kv_rows)))
     q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
     modeling = sys.modules[type(self).__module__]
     cos, sin = position_embeddings

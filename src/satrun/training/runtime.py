@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import random
+import sys
 
 import numpy as np
 import torch
@@ -35,6 +37,26 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_host_memory() -> bool:
+    """Let glibc keep large freed blocks for reuse instead of handing them back to the kernel.
+
+    By default glibc maps every allocation over a threshold afresh and unmaps it when freed, and
+    trims the heap top, so each CPU training step maps new pages that the kernel zero-fills on
+    first touch: about 300,000 page faults, a fifth of a dense SmolLM2-135M step, and more for
+    larger tensors. CUDA's caching allocator keeps its blocks for the same reason. The cost is
+    that the process keeps its peak host memory. Returns whether the setting took effect (only
+    on Linux with glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def seed_everything(seed: int) -> None:
