@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-FIELDS = {"name", "rate", "tokens_per_s", "speedup", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes", "mfu"}
+FIELDS = {"name", "rate", "tokens_per_s", "speedup", "speedup_quartiles", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes", "mfu"}
 
 
 def test_bench_rows(satrun, tmp_path: Path) -> None:
-    result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=1",
+    result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=3",
                     "bench.rates=[0.5]", "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
@@ -24,6 +25,8 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
     assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
     assert all(r["tokens_per_s"] > 0 for r in rows)
+    paired = [d / t for d, t in zip(dense["step_s_samples"], sparse["step_s_samples"])]  # round by round
+    assert len(paired) == 3 and sparse["speedup"] == pytest.approx(statistics.median(paired))
     assert all(r["mfu"] is None for r in rows)  # no known peak on CPU
     assert 0 < sparse["peak_mem_bytes"] < dense["peak_mem_bytes"]  # counted tensor bytes on CPU
     assert (tmp_path / "bench" / "bench.png").read_bytes().startswith(b"\x89PNG")

@@ -4,7 +4,8 @@ The rows are a plain transformers loop (``model(input_ids, labels=labels).loss``
 step and satrun's step at every rate. They are interleaved one step at a time, in a rotating
 order, after one untimed round: on a noisy machine a slow spell then hits every row alike. Every
 row of a round trains on the same batch. Reported per row: median step time and tokens/s,
-speed-up over satrun's dense step, the FLOP model's ideal speed-up, efficiency =
+speed-up over satrun's dense step (the median over rounds of the dense step's time over the
+row's, both timed in that round on that batch), the FLOP model's ideal speed-up, efficiency =
 (measured - 1) / (ideal - 1), the share of step time spent scoring and selecting, peak memory.
 """
 
@@ -96,14 +97,14 @@ def run_bench(
         step = _step_of(name)
         peak[name] = peak_bytes(lambda: step(model, optimizer, batches[0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
-    dense_s = statistics.median(times["dense"])
     rows = []
     for name, rate in configs:
         step_s = statistics.median(times[name])
         attn_rate, align = (rate if cfg.heads else 0.0), sparsifier.selector.align
         ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align) if rate else 1.0
         flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align).train  # the work this row really does
-        measured = dense_s / step_s
+        ratios = sorted(d / t for d, t in zip(times["dense"], times[name]))  # paired: same round, same batch
+        measured = statistics.median(ratios)
         rows.append({
             "name": name,
             "rate": rate,
@@ -112,6 +113,7 @@ def run_bench(
             "step_s_samples": times[name],
             "tokens_per_s": tokens / step_s,
             "speedup": measured,
+            "speedup_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
             "ideal_speedup": ideal,
             "efficiency": (measured - 1) / (ideal - 1) if ideal > 1 else None,
             "overhead_share": statistics.median(select[name]),
