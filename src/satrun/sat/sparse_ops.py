@@ -90,22 +90,21 @@ class _SparseSwiGLU(torch.autograd.Function):
             gate = F.linear(xc, g_w)
             up = F.linear(xc, u_w)
             act = F.silu(gate)
-            hidden = act * up
-            out = F.linear(hidden, d_w)
-        ctx.save_for_backward(xc, gate, act, up, hidden, g_w, u_w, d_w, idx)  # what dense autograd keeps
+            out = F.linear(act * up, d_w)
+        ctx.save_for_backward(xc, gate, act, up, g_w, u_w, d_w, idx)  # what dense autograd keeps, less act*up
         ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        x, gate, act, up, hidden, g_w, u_w, d_w, idx = ctx.saved_tensors
+        x, gate, act, up, g_w, u_w, d_w, idx = ctx.saved_tensors
         w_gate, w_up, w_down = ctx.params
         k = idx.numel()
         x2 = x.reshape(-1, x.shape[-1])
         dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
         gate2, act2, up2 = gate.reshape(-1, k), act.reshape(-1, k), up.reshape(-1, k)
         want = ctx.needs_input_grad
-        grad_down = _full_grad(w_down, 1, idx, dy.t() @ hidden.reshape(-1, k)) if want[3] else None
+        grad_down = _full_grad(w_down, 1, idx, dy.t() @ (act2 * up2)) if want[3] else None
         d_hidden = dy @ d_w
         d_up = d_hidden * act2
         d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up2), gate2)  # one fused pass, as dense autograd
