@@ -24,5 +24,5 @@ print(default, page_faults_of_churn())
 def test_freed_host_memory_is_reused_instead_of_faulted_in_again():
     out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, check=True).stdout
     default, kept = map(int, out.split())
-    assert default > 5 * 16 * 2**20 * 4 // 4096 // 2  # by default every 64 MiB tensor faults its pages in
+    assert default >= 5  # by default every 64 MiB tensor is mapped afresh: its pages fault in (4 KiB or huge)
     assert kept < default // 20
