@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -182,7 +183,8 @@ def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | Non
 def load_inputs(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
     """Seeded tokenizer, model (CPU, fp32) and data, after the checks that need no data."""
     if runtime.resolve_device(cfg.trainer.device).type == "cpu":  # also fails on a bad device before loading
-        runtime.keep_freed_host_memory()
+        if not runtime.keep_freed_host_memory():
+            logging.getLogger("satrun").info("host allocator not tuned (needs glibc): CPU steps may fault their memory in afresh")
     runtime.seed_everything(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer)

@@ -27,6 +27,9 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     assert all(r["tokens_per_s"] > 0 for r in rows)
     paired = [d / t for d, t in zip(dense["step_s_samples"], sparse["step_s_samples"])]  # round by round
     assert len(paired) == 3 and sparse["speedup"] == pytest.approx(statistics.median(paired))
+    low, _, high = sorted(paired)  # inclusive quartiles of three values: midpoints towards the median
+    assert sparse["speedup_quartiles"] == pytest.approx([(low + statistics.median(paired)) / 2,
+                                                         (high + statistics.median(paired)) / 2])
     assert all(r["mfu"] is None for r in rows)  # no known peak on CPU
     assert 0 < sparse["peak_mem_bytes"] < dense["peak_mem_bytes"]  # counted tensor bytes on CPU
     assert (tmp_path / "bench" / "bench.png").read_bytes().startswith(b"\x89PNG")

@@ -54,6 +54,14 @@ def _satrun_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch
     train_step(CausalLMObjective(model), optimizer, [batch], grad_clip, amp)
 
 
+def _quartiles(values: list[float]) -> list[float]:
+    """First and third quartiles (inclusive method; both the value itself for one sample)."""
+    if len(values) < 2:
+        return [values[0], values[0]]
+    first, _, third = statistics.quantiles(values, n=4, method="inclusive")
+    return [first, third]
+
+
 def _step_of(name: str) -> Callable[..., None]:
     return _plain_step if name == "plain" else _satrun_step
 
@@ -103,7 +111,7 @@ def run_bench(
         attn_rate, align = (rate if cfg.heads else 0.0), sparsifier.selector.align
         ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align) if rate else 1.0
         flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align).train  # the work this row really does
-        ratios = sorted(d / t for d, t in zip(times["dense"], times[name]))  # paired: same round, same batch
+        ratios = [d / t for d, t in zip(times["dense"], times[name])]  # paired: same round, same batch
         measured = statistics.median(ratios)
         rows.append({
             "name": name,
@@ -113,7 +121,7 @@ def run_bench(
             "step_s_samples": times[name],
             "tokens_per_s": tokens / step_s,
             "speedup": measured,
-            "speedup_quartiles": [ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]],
+            "speedup_quartiles": _quartiles(ratios),
             "ideal_speedup": ideal,
             "efficiency": (measured - 1) / (ideal - 1) if ideal > 1 else None,
             "overhead_share": statistics.median(select[name]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import platform
 import random
 import sys
 
@@ -46,17 +47,20 @@ def keep_freed_host_memory() -> bool:
     trims the heap top, so each CPU training step maps new pages that the kernel zero-fills on
     first touch: about 300,000 page faults, a fifth of a dense SmolLM2-135M step, and more for
     larger tensors. CUDA's caching allocator keeps its blocks for the same reason. The cost is
-    that the process keeps its peak host memory. Returns whether the setting took effect (only
-    on Linux with glibc).
+    that the process keeps its peak host memory. Returns whether glibc accepted the settings
+    (False off glibc; an allocator preloaded in glibc's place ignores them).
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    # Recent glibc accepts a 1 GiB mmap threshold; older ones cap it at 32 MiB, so there mmap is
+    # switched off instead (every block then comes from the heap, which is never trimmed).
+    no_fresh_maps = bool(mallopt(m_mmap_threshold, 1 << 30)) or bool(mallopt(m_mmap_max, 0))
+    return bool(mallopt(m_trim_threshold, 1 << 30)) and no_fresh_maps
 
 
 def seed_everything(seed: int) -> None:
