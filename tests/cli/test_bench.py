@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-FIELDS = {"name", "rate", "tokens_per_s", "speedup", "speedup_quartiles", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes", "mfu"}
+FIELDS = {"name", "rate", "tokens_per_step", "tokens_per_s", "speedup", "speedup_quartiles", "ideal_speedup", "efficiency", "overhead_share", "peak_mem_bytes", "mfu"}
 
 
 def test_bench_rows(satrun, tmp_path: Path) -> None:
@@ -24,7 +24,8 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     dense, sparse = rows[1], rows[2]
     assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
     assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"]) for r in rows)
+    assert 0 < rows[0]["tokens_per_step"] <= 64 * 4 and "tokens per step" in result.stdout
     paired = [d / t for d, t in zip(dense["step_s_samples"], sparse["step_s_samples"])]  # round by round
     assert len(paired) == 3 and sparse["speedup"] == pytest.approx(statistics.median(paired))
     low, _, high = sorted(paired)  # inclusive quartiles of three values: midpoints towards the median

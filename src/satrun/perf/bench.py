@@ -119,6 +119,7 @@ def run_bench(
             "step_s": step_s,
             "step_s_spread": [min(times[name]), max(times[name])],
             "step_s_samples": times[name],
+            "tokens_per_step": tokens,  # label tokens: SAT's per-weight costs weigh less as they grow
             "tokens_per_s": tokens / step_s,
             "speedup": measured,
             "speedup_quartiles": _quartiles(ratios),
@@ -135,7 +136,8 @@ def print_bench(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="satrun bench (speed-up over satrun's dense step)")
+    tokens = f", {rows[0]['tokens_per_step']:.0f} tokens per step" if rows else ""
+    table = Table(title=f"satrun bench (speed-up over satrun's dense step{tokens})")
     for column in ("row", "s/step", "tokens/s", "speed-up", "ideal", "efficiency", "scoring+selection", "peak mem", "MFU"):
         table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
     for r in rows:
