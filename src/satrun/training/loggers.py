@@ -31,7 +31,7 @@ class JsonLines:
         self.path = path
         if keep_through is not None and path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= keep_through]
+                    if (step := _step_of(line)) is not None and step <= keep_through]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
