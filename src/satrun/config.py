@@ -38,6 +38,7 @@ class ModelConfig:
     num_kv_heads: int = 2
     max_position_embeddings: int = 1024
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
+    tie_word_embeddings: bool = True  # the LM head shares the input embedding's weights
 
 @dataclass
 class DataConfig:

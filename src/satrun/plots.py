@@ -27,11 +27,15 @@ def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str = 
 
 def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satrun bench") -> Path:
     """Measured and ideal speed-up over the dense step against the omission rate."""
-    sparse = sorted((r for r in rows if r["rate"] > 0), key=lambda r: r["rate"])
+    sparse = sorted((r for r in rows if r["name"].startswith("rate ")), key=lambda r: r["rate"])
     rates = [0.0] + [r["rate"] for r in sparse]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.plot(rates, [1.0] + [r["ideal_speedup"] for r in sparse], "--o", color="grey", label="ideal (FLOP model)")
     ax.plot(rates, [1.0] + [r["speedup"] for r in sparse], "-o", color="tab:blue", label="measured")
+    for r in rows:
+        if r["name"] == "layer rates":  # per-layer MLP rates: placed at their mean rate
+            ax.plot([r["rate"]], [r["speedup"]], "*", color="tab:red", markersize=10, label="layer rates (mean)")
+            ax.plot([r["rate"]], [r["ideal_speedup"]], "*", color="grey", markersize=8)
     return _save(fig, ax, path, "omission rate", "speed-up over dense step", title)
 
 

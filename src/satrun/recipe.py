@@ -21,7 +21,7 @@ from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf.flops import Shape
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import speedup_plot
-from satrun.sat import ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
+from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
@@ -201,7 +201,11 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """FLOPs, ideal SAT speed-up and memory of the configured run, from the model's shape alone."""
     t = cfg.trainer
     precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
-    plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size, precision)
+    try:
+        plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
+                          precision, cfg.selector.align, cfg.scheduler.layers)
+    except ScheduleError as exc:
+        raise UsageError(str(exc)) from exc
     out = run_dir / "plan.json"
     write_plan(plan, out)
     print_plan(plan)
@@ -222,7 +226,8 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     amp = runtime.autocast(device, dtype)
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
                      Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip,
-                     bf16_peak_flops(device) if dtype == torch.bfloat16 else None)
+                     bf16_peak_flops(device) if dtype == torch.bfloat16 else None,
+                     cfg.scheduler.layer_rates, _attn_rate(cfg))
     out = run_dir / "bench.json"
     out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {device.type}, seq {t.seq_len} x {t.micro_batch_size}")
@@ -238,9 +243,15 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
         return ScheduledSparsity(stages, None)
     try:
         sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed)
+        return ScheduledSparsity(stages, sparsifier)
+    except ScheduleError as exc:
+        raise UsageError(f"model={cfg.model.name}: {exc}") from exc
     except (UnsupportedModel, ValueError) as exc:
         raise UsageError(f"scheduler={cfg.scheduler.name}: {exc} (use scheduler=dense)") from exc
-    return ScheduledSparsity(stages, sparsifier)
+
+
+def _attn_rate(cfg: TrainConfig) -> float:
+    return cfg.scheduler.rate if cfg.scheduler.attn_rate is None else cfg.scheduler.attn_rate
 
 
 def _describe(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:

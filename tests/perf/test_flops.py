@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from satrun.perf.flops import Shape, ideal_speedup, token_flops
 from satrun.perf.plan import parameters
-from satrun.sat import MetricConfig, Sparsifier
+from satrun.sat import MetricConfig, SelectorConfig, Sparsifier
 
 SEQ = 32
 
@@ -58,10 +58,29 @@ def test_attention_core_flops_match_eager_attention() -> None:
     assert counted(model)["aten.bmm"] == pytest.approx(2 * ours.attn_core)
 
 
-def test_parameter_count_matches_the_model() -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameter_count_matches_the_model(tied: bool) -> None:
     model = tiny(4, 2)
+    if tied:
+        model = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "tie_word_embeddings": True}))
     shape = Shape.from_config(model.config)
-    assert parameters(shape, tied=model.config.tie_word_embeddings) == sum(p.numel() for p in model.parameters())
+    assert shape.tied == tied
+    assert parameters(shape) == sum(p.numel() for p in model.parameters())  # a tied head is counted once
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_layer_rates_align_and_layers_match_an_independent_count(per_layer: bool) -> None:
+    model = tiny(4, 4)
+    shape = Shape.from_config(model.config)
+    layers = None if per_layer else [1]
+    mlp = [0.0, 0.6] if per_layer else 0.6  # either way layer 0's MLP stays dense
+    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(align=32), layers=layers)
+    sat.set_rates(mlp, 0.5, step=0)
+    ours = token_flops(shape, SEQ, mlp, 0.5, align=32, layers=layers)
+    assert counted(model)["aten.mm"] == pytest.approx(ours.attn_proj + ours.mlp + ours.lm_head)
+    h, i = shape.hidden, shape.intermediate
+    assert ours.mlp == pytest.approx(6 * h * i + 6 * h * 32)  # 0.4 x 96 = 38 kept, aligned to 32
+    assert ours.mlp != token_flops(shape, SEQ, mlp, 0.5, layers=layers).mlp  # the count depends on align
 
 
 @pytest.mark.parametrize(

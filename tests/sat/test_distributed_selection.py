@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,9 +15,9 @@ from satrun.sat.sparsifier import Sparsifier
 from tests.sat.models import build
 
 
-def _kept(rank: int) -> list[tuple[list[int], list[int]]]:
+def _kept(rank: int, metric: str) -> list[tuple[list[int], list[int]]]:
     model = build("llama-mha")
-    sparsifier = Sparsifier(model, MetricConfig(name="maxip", token_stride=2), SelectorConfig(name="topk"), seed=3)
+    sparsifier = Sparsifier(model, MetricConfig(name=metric, token_stride=2), SelectorConfig(name="topk"), seed=3)
     sparsifier.set_rates(0.5, 0.5, step=7)
     ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(100 + rank))  # different data
     model(input_ids=ids).logits.sum().backward()
@@ -24,23 +25,24 @@ def _kept(rank: int) -> list[tuple[list[int], list[int]]]:
     return [(k["channels"].tolist(), k["heads"].tolist()) for k in kept]
 
 
-def _rank(rank: int, port: int, results: "mp.Queue") -> None:
-    alone = _kept(rank)  # before joining: each rank would pick from its own tokens
+def _rank(rank: int, port: int, metric: str, results: "mp.Queue") -> None:
+    alone = _kept(rank, metric)  # before joining: each rank would pick from its own tokens
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        results.put((rank, (alone, _kept(rank))))
+        results.put((rank, (alone, _kept(rank, metric))))
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_select_the_same_heads_and_channels() -> None:
+@pytest.mark.parametrize("metric", ["maxip", "contrib"])
+def test_ranks_select_the_same_heads_and_channels(metric: str) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, port, results)) for rank in range(2)]
+    procs = [ctx.Process(target=_rank, args=(rank, port, metric, results)) for rank in range(2)]
     for p in procs:
         p.start()
     got = dict(results.get(timeout=120)[:2] for _ in procs)

@@ -66,7 +66,7 @@ def test_rate_zero_equals_unmodified_model(arch: str) -> None:
         assert_close(grads[name], ref_grads[name], name)
 
 
-@pytest.mark.parametrize("metric", ["magnitude", "wanda", "maxip", "random"])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda", "maxip", "random", "contrib"])
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_sparse_step_equals_masked_dense_reference(arch: str, metric: str) -> None:
     model = build(arch)
@@ -228,3 +228,47 @@ def test_frozen_weights_get_no_gradient() -> None:
     model(input_ids=ids, labels=labels).loss.backward()
     assert all(layer.mlp.down_proj.weight.grad is None for layer in model.model.layers)
     assert all(layer.mlp.up_proj.weight.grad is not None for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_per_layer_rates_equal_the_masked_reference(arch: str) -> None:
+    model = build(arch)
+    reference = copy.deepcopy(model)
+    sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=3), SelectorConfig(name="sampling"), seed=2)
+    sat.set_rates([0.0, 0.75], 0.5, step=4)  # layer 0's MLP dense, layer 1 keeps a quarter of its channels
+    ids, labels = batch()
+    logits, grads = loss_and_grads(model, ids, labels)
+    keep = {i: sat.last_selection(i) for i in range(2)}
+    assert keep[0]["channels"] is None and keep[1]["channels"].numel() == 20
+    assert keep[0]["heads"] is not None and keep[1]["heads"] is not None
+    handles = masked_reference(reference, keep)
+    ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
+    for h in handles:
+        h.remove()
+    assert_close(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], name)
+    with pytest.raises(ValueError, match="3 MLP rates"):
+        sat.set_rates([0.5, 0.5, 0.5], 0.0, step=0)
+
+
+def test_contrib_scores_are_output_contributions() -> None:
+    """contrib on every token equals each channel's and head's output norm, computed the long way."""
+    from satrun.sat import importance
+
+    layer = build("llama-gqa").model.layers[0]
+    x = torch.randn(10, 48)
+    mlp, attn = layer.mlp, layer.self_attn
+    act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    expected = torch.stack([(act[:, i:i + 1] * mlp.down_proj.weight[:, i]).norm() for i in range(80)])
+    got = importance.channel_scores("contrib", x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, 1, None)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    d, v = attn.head_dim, attn.v_proj(x)
+    heads = []
+    for h in range(6):
+        kv = h // 3
+        out = v[:, kv * d:(kv + 1) * d] @ attn.o_proj.weight[:, h * d:(h + 1) * d].t()
+        heads.append(out.norm())
+    got = importance.head_scores("contrib", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                                 attn.o_proj.weight, d, 1, None)
+    assert torch.allclose(got, torch.stack(heads), rtol=1e-4, atol=1e-6)

@@ -60,7 +60,7 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=True,
+            tie_word_embeddings=cfg.tie_word_embeddings,
         )
         return LlamaForCausalLM(config)
     try:

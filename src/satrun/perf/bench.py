@@ -78,19 +78,26 @@ def run_bench(
     amp: Any = contextlib.nullcontext(),
     grad_clip: float = 1.0,
     peak_flops: float | None = None,
+    layer_rates: Sequence[float] | None = None,
+    layer_attn_rate: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """One row per configuration: "plain", "dense", then each rate. With ``peak_flops`` (the
-    device's peak in the step's precision), each row also gets its model FLOP utilisation."""
+    """One row per configuration: "plain", "dense", then each rate (MLP channels, and heads at
+    the same rate with ``cfg.heads``), then with ``layer_rates`` a row "layer rates" at those
+    per-layer MLP rates and ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the
+    step's precision), each row also gets its model FLOP utilisation."""
     model.train()
-    configs: list[tuple[str, float]] = [("plain", 0.0), ("dense", 0.0)] + [(f"rate {r:g}", r) for r in cfg.rates]
+    configs: list[tuple[str, Any, float]] = [("plain", 0.0, 0.0), ("dense", 0.0, 0.0)]
+    configs += [(f"rate {r:g}", r, r if cfg.heads else 0.0) for r in cfg.rates]
+    if layer_rates is not None:
+        configs.append(("layer rates", tuple(layer_rates), layer_attn_rate))
     times: dict[str, list[float]] = {name: [] for name, _ in configs}
     select: dict[str, list[float]] = {name: [] for name, _ in configs}
     tokens = statistics.mean(label_tokens(b) for b in batches)
     for round_ in range(cfg.repeats * cfg.steps + 1):  # round 0 is warm-up
         shift = round_ % len(configs)  # rotate the order: no row always runs first
         batch = batches[round_ % len(batches)]
-        for name, rate in configs[shift:] + configs[:shift]:
-            sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
+        for name, rate, attn_rate in configs[shift:] + configs[:shift]:
+            sparsifier.set_rates(rate, attn_rate, step=0)
             before = sparsifier.select_s
             runtime.synchronize(device)
             started = time.perf_counter()
@@ -100,22 +107,23 @@ def run_bench(
                 times[name].append(time.perf_counter() - started)
                 select[name].append((sparsifier.select_s - before) / times[name][-1])
     peak = {}
-    for name, rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
-        sparsifier.set_rates(rate, rate if cfg.heads else 0.0, step=0)
+    for name, rate, attn_rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
+        sparsifier.set_rates(rate, attn_rate, step=0)
         step = _step_of(name)
         peak[name] = peak_bytes(lambda: step(model, optimizer, batches[0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
     rows = []
-    for name, rate in configs:
+    for name, rate, attn_rate in configs:
         step_s = statistics.median(times[name])
-        attn_rate, align = (rate if cfg.heads else 0.0), sparsifier.selector.align
-        ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align) if rate else 1.0
-        flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align).train  # the work this row really does
+        align, layers = sparsifier.selector.align, sparsifier.layers
+        sparse = name not in ("plain", "dense")
+        ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align, layers) if sparse else 1.0
+        flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align, layers).train  # the work this row really does
         ratios = [d / t for d, t in zip(times["dense"], times[name])]  # paired: same round, same batch
         measured = statistics.median(ratios)
         rows.append({
             "name": name,
-            "rate": rate,
+            "rate": rate if isinstance(rate, float) else sum(rate) / len(rate),  # layer rates: their mean
             "step_s": step_s,
             "step_s_spread": [min(times[name]), max(times[name])],
             "step_s_samples": times[name],

@@ -10,15 +10,16 @@ sees s/2 keys on average):
     MLP                   6 h i                     scales with the kept channels
     LM head               2 h V                     once per token, never omitted
 
-Kept fractions are the exact ones SAT uses (``kept_count``): heads k/n_q, channels k/i. Under
-multi-head attention the KV heads follow the kept heads; under grouped-query attention satrun
-computes every KV head, so k and v do not shrink.
+Kept fractions are the exact ones SAT uses (``kept_count``, with ``selector.align``): heads
+k/n_q, channels k/i, layer by layer (a rate per layer, or one rate on the sparsified layers and
+none elsewhere). Under multi-head attention the KV heads follow the kept heads; under
+grouped-query attention satrun computes every KV head, so k and v do not shrink.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Optional, Sequence, Union
 
 from satrun.sat.selection import kept_count
 
@@ -32,6 +33,7 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    tied: bool = False  # the LM head shares the input embedding (one matrix, counted once)
 
     @classmethod
     def from_config(cls, config: Any) -> "Shape":
@@ -46,6 +48,7 @@ class Shape:
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=head_dim,
             vocab=config.vocab_size,
+            tied=bool(getattr(config, "tie_word_embeddings", False)),
         )
 
 
@@ -71,24 +74,39 @@ class TokenFlops:
         return {**asdict(self), "forward": self.forward, "backward": 2.0 * self.forward, "train": self.train}
 
 
-def token_flops(shape: Shape, seq_len: int, mlp_rate: float = 0.0, attn_rate: float = 0.0, align: int = 1) -> TokenFlops:
-    """FLOPs per token at the given omission rates (0, 0 = dense)."""
+Rates = Union[float, Sequence[float]]
+
+
+def _per_layer(rate: Rates, n_layers: int, layers: Optional[Sequence[int]]) -> list[float]:
+    if not isinstance(rate, (int, float)):
+        if len(rate) != n_layers:
+            raise ValueError(f"{len(rate)} layer rates for a model of {n_layers} layers")
+        return [float(r) for r in rate]
+    chosen = set(range(n_layers)) if layers is None else set(layers)
+    return [float(rate) if i in chosen else 0.0 for i in range(n_layers)]
+
+
+def token_flops(
+    shape: Shape, seq_len: int, mlp_rate: Rates = 0.0, attn_rate: Rates = 0.0, align: int = 1,
+    layers: Optional[Sequence[int]] = None,
+) -> TokenFlops:
+    """FLOPs per token at the given omission rates (0, 0 = dense): one rate for the layers in
+    ``layers`` (None: all), or a sequence of one rate per layer."""
     h, d = shape.hidden, shape.head_dim
-    mlp_keep = kept_count(shape.intermediate, mlp_rate, align) / shape.intermediate if mlp_rate else 1.0
-    head_keep = kept_count(shape.heads, attn_rate) / shape.heads if attn_rate else 1.0
-    kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
     q_width, kv_width = shape.heads * d, shape.kv_heads * d
-    per_layer_proj = 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
-    per_layer_core = 4 * q_width * (seq_len / 2) * head_keep
-    per_layer_mlp = 6 * h * shape.intermediate * mlp_keep
-    return TokenFlops(
-        attn_proj=shape.layers * per_layer_proj,
-        attn_core=shape.layers * per_layer_core,
-        mlp=shape.layers * per_layer_mlp,
-        lm_head=2 * h * shape.vocab,
-    )
+    proj = core = mlp = 0.0
+    for mlp_r, attn_r in zip(_per_layer(mlp_rate, shape.layers, layers), _per_layer(attn_rate, shape.layers, layers)):
+        mlp_keep = kept_count(shape.intermediate, mlp_r, align) / shape.intermediate if mlp_r else 1.0
+        head_keep = kept_count(shape.heads, attn_r) / shape.heads if attn_r else 1.0
+        kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
+        proj += 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
+        core += 4 * q_width * (seq_len / 2) * head_keep
+        mlp += 6 * h * shape.intermediate * mlp_keep
+    return TokenFlops(attn_proj=proj, attn_core=core, mlp=mlp, lm_head=2 * h * shape.vocab)
 
 
-def ideal_speedup(shape: Shape, seq_len: int, mlp_rate: float, attn_rate: float, align: int = 1) -> float:
+def ideal_speedup(
+    shape: Shape, seq_len: int, mlp_rate: Rates, attn_rate: Rates, align: int = 1, layers: Optional[Sequence[int]] = None,
+) -> float:
     """Dense training FLOPs over SAT training FLOPs: the speed-up if scoring were free."""
-    return token_flops(shape, seq_len).train / token_flops(shape, seq_len, mlp_rate, attn_rate, align).train
+    return token_flops(shape, seq_len).train / token_flops(shape, seq_len, mlp_rate, attn_rate, align, layers).train

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from satrun.errors import UsageError
 from satrun.perf.flops import Shape, token_flops
@@ -35,13 +35,15 @@ def shape_of(model_cfg: Any) -> Shape:
         kv_heads=model_cfg.num_kv_heads,
         head_dim=model_cfg.hidden_size // model_cfg.num_heads,
         vocab=model_cfg.vocab_size,
+        tied=model_cfg.tie_word_embeddings,
     )
 
 
-def parameters(shape: Shape, tied: bool = False) -> int:
+def parameters(shape: Shape) -> int:
+    """Trainable parameters; a tied LM head is the input embedding, counted once."""
     h, d = shape.hidden, shape.head_dim
     per_layer = h * shape.heads * d * 2 + h * shape.kv_heads * d * 2 + 3 * h * shape.intermediate + 2 * h
-    embeddings = shape.vocab * h * (1 if tied else 2)
+    embeddings = shape.vocab * h * (1 if shape.tied else 2)
     return shape.layers * per_layer + embeddings + h
 
 
@@ -57,15 +59,20 @@ def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float 
     return tokens * (shape.layers * per_layer * act_bytes + 2 * 4 * shape.vocab)
 
 
-def build_plan(shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str) -> dict[str, Any]:
-    """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate."""
+def build_plan(
+    shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str, align: int = 1,
+    layers: Optional[Sequence[int]] = None,
+) -> dict[str, Any]:
+    """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate. ``align``
+    and ``layers`` are the selector's rounding and the sparsified layers, as in training."""
     dense = token_flops(shape, seq_len)
     rows = []
     for stage in stages:
-        flops = token_flops(shape, seq_len, stage.mlp_rate, stage.attn_rate)
+        mlp_rates, attn_rates = stage.per_layer(shape.layers, layers)
+        flops = token_flops(shape, seq_len, mlp_rates, attn_rates, align)
         rows.append({
             "name": stage.name, "steps": stage.steps, "mlp_rate": stage.mlp_rate, "attn_rate": stage.attn_rate,
-            "flops_per_token": flops.as_dict(), "ideal_speedup": dense.train / flops.train,
+            "mlp_layer_rates": mlp_rates, "flops_per_token": flops.as_dict(), "ideal_speedup": dense.train / flops.train,
         })
     total_steps = sum(r["steps"] for r in rows)
     sat_time = sum(r["steps"] / r["ideal_speedup"] for r in rows)  # in units of one dense step
@@ -81,6 +88,7 @@ def build_plan(shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int
         "dense_flops_per_token": dense.as_dict(),
         "stages": rows,
         "run_ideal_speedup": total_steps / sat_time if sat_time else 1.0,
+        "run_flop_fraction": sat_time / total_steps if total_steps else 1.0,  # SAT's training FLOPs over dense's
         "memory_bytes": {
             "weights": 4 * n_params,
             "gradients": 4 * n_params,
@@ -113,7 +121,8 @@ def print_plan(plan: dict[str, Any]) -> None:
     parts.add_row("backward", f"{dense['backward'] / 1e9:.3f} G", "")
     parts.add_row("train step", f"{dense['train'] / 1e9:.3f} G", "")
     console.print(parts)
-    stages = Table(title=f"SAT stages (whole-run ideal speed-up {plan['run_ideal_speedup']:.2f}x)")
+    stages = Table(title=f"SAT stages (whole-run ideal speed-up {plan['run_ideal_speedup']:.2f}x, "
+                         f"{100 * plan['run_flop_fraction']:.1f}% of dense training FLOPs)")
     for column in ("stage", "steps", "mlp/attn rate", "train GFLOPs/token", "ideal speed-up"):
         stages.add_column(column, justify="left" if column == "stage" else "right")
     for row in plan["stages"]:

@@ -12,6 +12,10 @@ wanda      channel i: sum_k (|W_gate[i, k]| + |W_up[i, k]|) * ||X[:, k]||_2;
 maxip      channel i: max_t |silu(x_t . g_i) * (x_t . u_i)|;
            head h:    max_t ||q_{t,h}|| * ||k_{t,kv(h)}|| (a bound on its largest logit),
            both over every ``stride``-th token only, so the cost is 1/stride of a projection.
+contrib    a neuron's contribution to the block output, over every ``stride``-th token:
+           channel i: ||act[:, i]||_2 * ||W_down[:, i]||_2 with act = silu(X g_i) * (X u_i);
+           head h:    sqrt(sum_t ||W_o[:, cols of h] v_{t,kv(h)}||^2), the output the head would
+           write if it attended to token t alone (its attention weights are not computed).
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-METRICS = ("random", "magnitude", "wanda", "maxip")
+METRICS = ("random", "magnitude", "wanda", "maxip", "contrib")
+# How ranks combine their scores under data parallelism (each rank scores its own tokens):
+# "max" of maxima, "l2" the root of summed squares (contrib is an L2 norm over tokens), "sum".
+REDUCE = {"random": "sum", "magnitude": "sum", "wanda": "sum", "maxip": "max", "contrib": "l2"}
 
 
 def _column_norms(x: torch.Tensor) -> torch.Tensor:
@@ -48,6 +55,10 @@ def channel_scores(
     if metric == "maxip":
         sub = x[::stride].to(w_gate.dtype)
         return F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t()).abs_().amax(0)
+    if metric == "contrib":
+        sub = x[::stride].to(w_gate.dtype)
+        act = F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t())
+        return torch.linalg.vector_norm(act, dim=0).mul_(torch.linalg.vector_norm(w_down, dim=0))
     raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
 
 
@@ -56,6 +67,7 @@ def head_scores(
     x: torch.Tensor,
     w_q: torch.Tensor,
     w_k: torch.Tensor,
+    w_v: torch.Tensor,
     w_o: torch.Tensor,
     head_dim: int,
     stride: int,
@@ -74,4 +86,10 @@ def head_scores(
         q = (sub @ w_q.t()).view(-1, n_q, head_dim).norm(dim=-1)
         k = (sub @ w_k.t()).view(-1, n_kv, head_dim).norm(dim=-1)
         return (q * k.repeat_interleave(n_q // n_kv, dim=1)).amax(0)
+    if metric == "contrib":
+        sub = x[::stride].to(w_q.dtype)
+        v = (sub @ w_v.t()).view(-1, n_kv, head_dim).repeat_interleave(n_q // n_kv, dim=1)  # [t, n_q, d]
+        blocks = w_o.view(w_o.shape[0], n_q, head_dim)  # [hidden, n_q, d]: head h's columns of W_o
+        out = torch.einsum("thd,ohd->tho", v, blocks)  # head h's output for token t's value alone
+        return torch.linalg.vector_norm(out, dim=(0, 2))
     raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from satrun.sat.settings import SchedulerConfig
 
@@ -13,13 +14,18 @@ class ScheduleError(ValueError):
 
 @dataclass(frozen=True)
 class Stage:
-    """Steps [start, end) trained at the given omission rates."""
+    """Steps [start, end) trained at the given omission rates.
+
+    ``mlp_rate`` is the MLP rate of every sparsified layer, or, when ``mlp_layer_rates`` gives
+    each decoder layer its own rate, their mean (what records and summaries report).
+    """
 
     name: str
     start: int
     end: int
     mlp_rate: float
     attn_rate: float
+    mlp_layer_rates: Optional[tuple[float, ...]] = None
 
     @property
     def steps(self) -> int:
@@ -29,6 +35,25 @@ class Stage:
     def dense(self) -> bool:
         return self.mlp_rate == 0.0 and self.attn_rate == 0.0
 
+    def per_layer(self, n_layers: int, layers: Optional[Sequence[int]] = None) -> tuple[list[float], list[float]]:
+        """Each decoder layer's (MLP, attention) omission rates in this stage; layers outside
+        ``layers`` (None: all) stay dense."""
+        chosen = set(range(n_layers)) if layers is None else set(layers)
+        if self.mlp_layer_rates is not None:
+            if len(self.mlp_layer_rates) != n_layers:
+                raise ScheduleError(
+                    f"scheduler.layer_rates has {len(self.mlp_layer_rates)} values; the model has {n_layers} layers"
+                )
+            mlp = list(self.mlp_layer_rates)
+        else:
+            mlp = [self.mlp_rate if i in chosen else 0.0 for i in range(n_layers)]
+        return mlp, [self.attn_rate if i in chosen else 0.0 for i in range(n_layers)]
+
+    @property
+    def mlp_rates(self) -> "float | tuple[float, ...]":
+        """What a Sparsifier is given: one rate, or one per decoder layer."""
+        return self.mlp_rate if self.mlp_layer_rates is None else self.mlp_layer_rates
+
 
 def validate(cfg: SchedulerConfig) -> None:
     if cfg.name not in ("dense", "constant", "ladder"):
@@ -36,6 +61,11 @@ def validate(cfg: SchedulerConfig) -> None:
     for key, value in (("scheduler.rate", cfg.rate), ("scheduler.attn_rate", cfg.attn_rate)):
         if value is not None and not 0.0 <= value < 1.0:
             raise ScheduleError(f"{key}={value} must be in [0, 1)")
+    if cfg.layer_rates is not None:
+        if not cfg.layer_rates or not all(0.0 <= r < 1.0 for r in cfg.layer_rates):
+            raise ScheduleError(f"scheduler.layer_rates={list(cfg.layer_rates)} must be one rate in [0, 1) per layer")
+        if cfg.layers is not None:
+            raise ScheduleError("scheduler.layer_rates and scheduler.layers exclude each other (a rate of 0 keeps a layer dense)")
     for key, value in (("scheduler.sparse_fraction", cfg.sparse_fraction), ("scheduler.dense_fraction", cfg.dense_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ScheduleError(f"{key}={value} must be in [0, 1]")
@@ -51,12 +81,18 @@ def validate(cfg: SchedulerConfig) -> None:
 def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
     """The run's stages in order; they cover steps 0 .. max_steps - 1 exactly."""
     validate(cfg)
-    mlp = cfg.rate
+    vector = None if cfg.layer_rates is None else tuple(float(r) for r in cfg.layer_rates)
+    mlp = cfg.rate if vector is None else sum(vector) / len(vector)
     attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
     if cfg.name == "dense" or (mlp == 0.0 and attn == 0.0):
         return [Stage("dense", 0, max_steps, 0.0, 0.0)]
+
+    def sparse(name: str, start: int, end: int, scale: float) -> Stage:
+        layer_rates = None if vector is None else tuple(r * scale for r in vector)
+        return Stage(name, start, end, mlp * scale, attn * scale, layer_rates)
+
     if cfg.name == "constant":
-        return [Stage("sparse", 0, max_steps, mlp, attn)]
+        return [sparse("sparse", 0, max_steps, 1.0)]
     sparse_end = round(cfg.sparse_fraction * max_steps)
     dense_start = max_steps - round(cfg.dense_fraction * max_steps)
     n = cfg.ladder_steps
@@ -66,11 +102,11 @@ def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
             f"a ladder of {n} steps after {sparse_end} sparse steps does not fit in trainer.max_steps={max_steps}; "
             "raise trainer.max_steps or lower scheduler.ladder_steps"
         )
-    stages = [Stage("sparse", 0, sparse_end, mlp, attn)]
+    stages = [sparse("sparse", 0, sparse_end, 1.0)]
     bounds = [sparse_end + round(i * ladder_len / n) for i in range(n + 1)] if n else [sparse_end]
     for i in range(n):
         keep = (n - i) / (n + 1)  # ladder rung i+1 of n: rate * n/(n+1), ..., rate * 1/(n+1)
-        stages.append(Stage(f"ladder-{i + 1}", bounds[i], bounds[i + 1], mlp * keep, attn * keep))
+        stages.append(sparse(f"ladder-{i + 1}", bounds[i], bounds[i + 1], keep))
     if bounds[-1] < max_steps:
         stages.append(Stage("dense", bounds[-1], max_steps, 0.0, 0.0))
     return [s for s in stages if s.steps > 0]

@@ -15,6 +15,9 @@ from satrun.sat.sparsifier import Sparsifier
 class ScheduledSparsity:
     def __init__(self, stages: list[Stage], sparsifier: Optional[Sparsifier]) -> None:
         self.stages, self.sparsifier = stages, sparsifier
+        if sparsifier is not None:
+            for stage in stages:  # a per-layer vector must fit the model: fail before training
+                stage.per_layer(sparsifier.num_layers)
         self._stage: Optional[str] = None
         self._charged = 0.0
         self.select_s_by_stage: dict[str, float] = {}
@@ -23,7 +26,7 @@ class ScheduledSparsity:
         self._charge()
         stage = stage_at(self.stages, step)
         if self.sparsifier is not None:
-            self.sparsifier.set_rates(stage.mlp_rate, stage.attn_rate, step)
+            self.sparsifier.set_rates(stage.mlp_rates, stage.attn_rate, step)
         self._stage = stage.name
         return {"stage": stage.name, "mlp_rate": stage.mlp_rate, "attn_rate": stage.attn_rate}
 

@@ -10,8 +10,8 @@ from typing import Optional
 class MetricConfig:
     """How neurons are scored (see docs/method.md for each formula and its cost)."""
 
-    name: str = "maxip"  # random | magnitude | wanda | maxip
-    token_stride: int = 16  # maxip scores every token_stride-th token of the micro-batch
+    name: str = "maxip"  # random | magnitude | wanda | maxip | contrib
+    token_stride: int = 16  # maxip and contrib score every token_stride-th token of the micro-batch
 
 
 @dataclass
@@ -31,6 +31,10 @@ class SchedulerConfig:
     ladder (LORS): ``rate`` for the first ``sparse_fraction`` of steps, then ``ladder_steps``
     equal stages whose rate falls by rate / (ladder_steps + 1) each, then dense for the last
     ``dense_fraction`` of steps.
+
+    ``layer_rates`` gives each decoder layer its own MLP omission rate in the sparse stage (in
+    place of ``rate``; one value per layer, 0 = that layer stays dense); ladder rungs scale every
+    layer's rate alike. ``satrun probe`` calibrates such a vector from measured sensitivities.
     """
 
     name: str = "ladder"  # dense | constant | ladder
@@ -40,3 +44,4 @@ class SchedulerConfig:
     ladder_steps: int = 4
     dense_fraction: float = 0.1
     layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all
+    layer_rates: Optional[list[float]] = None  # MLP rate per decoder layer (replaces rate); None = rate everywhere

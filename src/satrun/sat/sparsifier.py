@@ -17,7 +17,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,9 @@ class Sparsifier:
             raise ValueError(f"scheduler.layers: {bad} outside the model's {len(decoder)} layers")
         for i in chosen:  # check every layer before patching any
             _check_layer(decoder[i], i)
+        self.num_layers = len(decoder)
         self.mlp_rate = self.attn_rate = 0.0
+        self._mlp_layer_rates: Optional[tuple[float, ...]] = None
         self.step = 0
         self.select_s = 0.0  # host wall time spent scoring and selecting, since creation
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -78,10 +80,24 @@ class Sparsifier:
                 module.forward = types.MethodType(forward, module)
                 self._patched.append(module)
 
-    def set_rates(self, mlp_rate: float, attn_rate: float, step: int) -> None:
-        """Omission rates for optimizer step ``step``; selections are seeded by (seed, step)."""
-        self.mlp_rate, self.attn_rate, self.step = mlp_rate, attn_rate, step
+    def set_rates(self, mlp_rate: Union[float, Sequence[float]], attn_rate: float, step: int) -> None:
+        """Omission rates for optimizer step ``step``; selections are seeded by (seed, step).
+
+        ``mlp_rate`` is one rate for every sparsified layer, or one per decoder layer of the
+        model (0 keeps that layer's MLP dense)."""
+        if isinstance(mlp_rate, (int, float)):
+            self.mlp_rate, self._mlp_layer_rates = float(mlp_rate), None
+        else:
+            if len(mlp_rate) != self.num_layers:
+                raise ValueError(f"{len(mlp_rate)} MLP rates for a model of {self.num_layers} layers")
+            self._mlp_layer_rates = tuple(float(r) for r in mlp_rate)
+            self.mlp_rate = sum(self._mlp_layer_rates) / self.num_layers
+        self.attn_rate, self.step = attn_rate, step
         self._generators.clear()
+
+    def mlp_rate_of(self, layer: int) -> float:
+        """The MLP omission rate of decoder layer ``layer`` for the current step."""
+        return self.mlp_rate if self._mlp_layer_rates is None else self._mlp_layer_rates[layer]
 
     def generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -91,11 +107,15 @@ class Sparsifier:
     def agree(self, scores: torch.Tensor) -> torch.Tensor:
         """Under data parallelism, the scores of the global batch: every rank then selects the
         same neurons (the selection generator is seeded alike everywhere). maxip's maximum over
-        tokens is reduced by maximum, the other metrics by sum."""
+        tokens is reduced by maximum, contrib's root of a sum of squares by the root of the summed
+        squares (the score of the ranks' tokens together), the other metrics by sum."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return scores
-        dist.all_reduce(scores, op=dist.ReduceOp.MAX if self.metric.name == "maxip" else dist.ReduceOp.SUM)
-        return scores
+        reduce = importance.REDUCE[self.metric.name]
+        if reduce == "l2":
+            scores.square_()
+        dist.all_reduce(scores, op=dist.ReduceOp.MAX if reduce == "max" else dist.ReduceOp.SUM)
+        return scores.sqrt_() if reduce == "l2" else scores
 
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
@@ -150,7 +170,8 @@ def _check_layer(layer: torch.nn.Module, index: int) -> None:
 def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     slot: _LayerSlot = self._sat
     owner = slot.owner
-    if not self.training or owner.mlp_rate == 0.0:
+    rate = owner.mlp_rate_of(slot.layer)
+    if not self.training or rate == 0.0:
         return type(self).forward(self, x)
     if not _in_backward() or slot.last is None:
         started = time.perf_counter()
@@ -161,7 +182,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
                 owner.metric.token_stride, owner.generator(x.device),
             )
             scores = owner.agree(scores)
-            k = selection.kept_count(scores.numel(), owner.mlp_rate, owner.selector.align)
+            k = selection.kept_count(scores.numel(), rate, owner.selector.align)
             slot.last = (owner.choose(scores[None], k, x.device)[0],)
         owner.select_s += time.perf_counter() - started
     return sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
@@ -183,7 +204,7 @@ def _select_heads(
     n_q, n_kv = module.q_proj.weight.shape[0] // d, module.k_proj.weight.shape[0] // d
     flat = x.detach().reshape(-1, x.shape[-1])
     scores = importance.head_scores(
-        owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.o_proj.weight, d,
+        owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.v_proj.weight, module.o_proj.weight, d,
         owner.metric.token_stride, owner.generator(x.device),
     )
     heads = owner.choose(owner.agree(scores)[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
