@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from satrun.errors import UsageError
-from satrun.perf.settings import BenchConfig
+from satrun.perf.settings import BenchConfig, ProbeConfig
 from satrun.sat import schedule
 from satrun.sat.importance import METRICS
 from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
@@ -137,6 +137,7 @@ class TrainConfig:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
@@ -156,6 +157,7 @@ _CHOICES = {
     "launcher.name": ("none", "torchrun"),
     "metric.name": METRICS,
     "selector.name": ("topk", "sampling"),
+    "selector.normalize": ("max", "rank"),
 }
 
 
@@ -221,6 +223,14 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
     if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):
         raise UsageError("bench.steps and bench.repeats must be at least 1 and bench.rates in (0, 1)")
+    p = cfg.probe
+    if p.batches < 1 or not p.rates or not all(0.0 < r < 1.0 for r in [*p.rates, p.layer_rate]):
+        raise UsageError("probe.batches must be at least 1, probe.rates and probe.layer_rate in (0, 1)")
+    unknown = [m for m in p.metrics if m not in METRICS]
+    if unknown:
+        raise UsageError(f"probe.metrics: {unknown} not among {', '.join(METRICS)}")
+    if p.target_speedup is not None and p.target_speedup <= 1.0:
+        raise UsageError(f"probe.target_speedup must be above 1, got {p.target_speedup}")
     try:
         schedule.build_stages(cfg.scheduler, t.max_steps)
     except schedule.ScheduleError as exc:

@@ -62,3 +62,16 @@ def throughput_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
             ax.plot(*zip(*points), "o-" if key == "tokens_per_s" else "o:",
                     label="whole run" if key == "tokens_per_s" else key[len("tokens_per_s["):-1])
     return _save(fig, ax, path, "scheduler.rate (omission rate)", "tokens/s", legend_size=7)
+
+
+def probe_plot(result: dict[str, Any], path: Path, title: str = "satrun probe") -> Path:
+    """Sub-network loss against the ideal speed-up, one line per metric (and the calibrated point)."""
+    fig, ax = plt.subplots(figsize=(5.6, 4), dpi=120)
+    speedups = [1.0] + list(result["ideal_speedups"])
+    for i, (name, losses) in enumerate(result["loss"].items()):
+        ax.plot(speedups, [result["dense_loss"]] + list(losses), "-o", color=f"C{i % 10}", markersize=4, label=name)
+    calibration = result.get("calibration")
+    if calibration:
+        ax.plot([calibration["ideal_speedup"]], [calibration["calibrated_loss"]], "*", color="black", markersize=12,
+                label=f"{result['metric']}, calibrated per layer")
+    return _save(fig, ax, path, "ideal speed-up of a sparse step (FLOP model)", "loss of the sub-network", title, legend_size=8)

@@ -18,9 +18,10 @@ from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import RunStopped, UsageError
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
-from satrun.perf.flops import Shape
+from satrun.perf import probe
+from satrun.perf.flops import Shape, ideal_speedup
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
-from satrun.plots import speedup_plot
+from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import QuietDisplay, make_display, print_summary
@@ -67,8 +68,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
                     hooks=[sparsity], resume=resume, logger=logger)
     overhead = sparsity.overhead_by_stage()
+    layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
     for stage in summary["stages"]:
         stage["select_share"] = overhead.get(stage["name"], 0.0) / stage["total_s"] if stage["total_s"] else 0.0
+        if layer_rates.get(stage["name"]) is not None:  # mlp_rate is then their mean
+            stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
     gathered = distributed.full_state_dict(model)  # FSDP2: every rank takes part
@@ -234,6 +238,67 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     print_bench(rows)
     print(f"bench written to {out} and {out.with_suffix('.png').name}")
     return rows
+
+
+def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Sub-network losses, layer sensitivities and (with a target) calibrated per-layer rates;
+    writes probe.json, probe.png and conf/scheduler/calibrated.yaml."""
+    t, p = cfg.trainer, cfg.probe
+    if p.target_speedup is not None and cfg.scheduler.name == "dense":
+        raise UsageError("probe.target_speedup calibrates a sparse schedule: choose scheduler=ladder or constant")
+    _, model, corpus = load_inputs(cfg)
+    device = runtime.resolve_device(t.device)
+    model.to(device)
+    stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
+    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(p.batches)]
+    shape, attn = Shape.from_config(model.config), _attn_rate(cfg)
+    metrics = list(dict.fromkeys([*p.metrics, cfg.metric.name]))  # the configured metric is always measured
+    with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
+        result = probe.measure(model, batches, metrics, p.rates, cfg.metric, cfg.selector, p.layer_rate, attn, t.seed)
+        result.update(metric=cfg.metric.name, selector=cfg.selector.name, attn_rate=attn, batches=p.batches,
+                      tokens_per_batch=t.micro_batch_size * t.seq_len,
+                      ideal_speedups=[ideal_speedup(shape, t.seq_len, r, attn, cfg.selector.align) for r in p.rates])
+        if p.target_speedup is not None:
+            increases = [x - result["dense_loss"] for x in result["loss"][cfg.metric.name]]
+            try:
+                rates = probe.calibrate(result["sensitivity"], p.rates, increases, p.layer_rate, shape, t.seq_len,
+                                        p.target_speedup, attn, cfg.selector.align)
+            except ValueError as exc:
+                raise UsageError(f"probe.target_speedup={p.target_speedup}: {exc}") from exc
+            uniform = probe.uniform_rate_for(shape, t.seq_len, p.target_speedup, attn, cfg.selector.align)
+            result["calibration"] = {
+                "target_speedup": p.target_speedup, "layer_rates": rates, "mean_rate": sum(rates) / len(rates),
+                "ideal_speedup": ideal_speedup(shape, t.seq_len, rates, attn, cfg.selector.align), "uniform_rate": uniform,
+                **probe.verify(model, batches, cfg.metric, cfg.selector, rates, uniform, attn, t.seed),
+            }
+    (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    probe_plot(result, run_dir / "probe.png", f"satrun probe: {cfg.model.name}, {p.batches} x {t.micro_batch_size} x {t.seq_len} tokens")
+    probe.print_probe(result)
+    if "calibration" in result:
+        out = _write_scheduler(cfg, result["calibration"]["layer_rates"], run_dir / "conf" / "scheduler" / "calibrated.yaml")
+        print(f"calibrated scheduler written to {out}; train with:\n"
+              f"  satrun train scheduler=calibrated {_sat_overrides(cfg)} --config-dir {run_dir / 'conf'}")
+    print(f"probe written to {run_dir / 'probe.json'} and probe.png")
+    return result
+
+
+def _sat_overrides(cfg: TrainConfig) -> str:
+    """The metric and selector settings a calibration was measured with, as overrides."""
+    m, s = cfg.metric, cfg.selector
+    return (f"metric={m.name} metric.token_stride={m.token_stride} selector={s.name} "
+            f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.align={s.align}")
+
+
+def _write_scheduler(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
+    """The configured schedule with the calibrated per-layer MLP rates, as a scheduler config file."""
+    fields = {**asdict(cfg.scheduler), "layers": None, "layer_rates": layer_rates}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Calibrated by satrun probe for model={cfg.model.name} (target ideal speed-up "
+             f"{cfg.probe.target_speedup} in the sparse stage; rate is unused), measured with:",
+             f"#   {_sat_overrides(cfg)}"]
+    lines += [f"{key}: {json.dumps(value)}" for key, value in fields.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:

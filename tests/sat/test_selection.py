@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from satrun.sat.selection import kept_count, sample, topk
@@ -66,3 +67,22 @@ def test_sampling_default_temperature_prefers_high_scores() -> None:
         counts[sample(scores, k, 0.05, g)[0]] += 1
     assert counts[-20:].sum() > counts[:50].sum() * 10  # mass on the top, but not only top-k
     assert counts[: n - k].sum() > 0  # still explores beyond the top k
+
+
+def test_rank_normalisation_ignores_an_outlier_that_max_normalisation_follows() -> None:
+    from satrun.sat.selection import normalized
+
+    n, k = 100, 20
+    scores = torch.linspace(0.0, 1.0, n)
+    scores[-1] = 1000.0  # one outlier neuron: under max, every other score is near 0
+    assert normalized(scores[None], "rank")[0].tolist() == pytest.approx([i / (n - 1) for i in range(n)])
+    counts = {how: torch.zeros(n) for how in ("max", "rank")}
+    g = torch.Generator().manual_seed(4)
+    for _ in range(300):
+        for how in counts:
+            counts[how][sample(scores[None], k, 0.05, g, normalize=how)[0]] += 1
+    top = slice(n - k, n)
+    assert counts["rank"][top].sum() > 0.6 * 300 * k  # the highest scores are mostly kept
+    assert counts["max"][top].sum() < 0.4 * 300 * k  # apart from the outlier, almost uniform
+    with pytest.raises(ValueError, match="normalize"):
+        normalized(scores[None], "mean")

@@ -36,8 +36,9 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "train": ("train a model (continual pre-training or fine-tuning)", _task("run_training")),
     "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _task("run_plan")),
     "bench": ("time dense and SAT training steps side by side on real batches", _task("run_benchmark")),
+    "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("run_probe")),
 }
-RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench"}
+RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes"}
 
 
 def _help() -> str:
@@ -48,7 +49,8 @@ def _help() -> str:
     lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
     lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
               "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help",
-              "  satrun plan model=llama2-7b trainer.seq_len=2048", "  satrun bench bench.rates=[0.3,0.5]"]
+              "  satrun plan model=llama2-7b trainer.seq_len=2048", "  satrun bench bench.rates=[0.3,0.5]",
+              "  satrun probe probe.target_speedup=1.3"]
     return "\n".join(lines)
 
 

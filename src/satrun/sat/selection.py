@@ -26,16 +26,33 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-def sample(scores: torch.Tensor, k: int, temperature: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """``k`` distinct neurons per row drawn without replacement from softmax(s / max(s) / temperature).
+NORMALIZE = ("max", "rank")
 
-    Scores are divided by their row maximum first, so the temperature means the same thing for
-    every metric, layer and scale (all metrics give non-negative scores). The draw uses the
-    Gumbel-top-k trick: adding Gumbel noise to the logits and keeping the top k is an exact sample
-    of k items without replacement, in one vectorised pass.
+
+def normalized(scores: torch.Tensor, how: str = "max") -> torch.Tensor:
+    """Scores mapped into [0, 1] per row, so that a temperature means the same for every metric,
+    layer and scale: ``max`` divides by the row maximum (all metrics are non-negative); ``rank``
+    takes each score's rank / (n - 1), which ignores how heavy the tail of the scores is (under
+    ``max`` one outlier neuron pushes every other score towards 0, and sampling becomes uniform
+    among them)."""
+    scores = scores.float()
+    if how == "rank":
+        n = scores.shape[-1]
+        return scores.argsort(dim=-1).argsort(dim=-1).float() / max(n - 1, 1)
+    if how != "max":
+        raise ValueError(f"normalize={how!r} is not one of: {', '.join(NORMALIZE)}")
+    return scores / scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def sample(scores: torch.Tensor, k: int, temperature: float, generator: Optional[torch.Generator],
+           normalize: str = "max") -> torch.Tensor:
+    """``k`` distinct neurons per row drawn without replacement from softmax(norm(s) / temperature).
+
+    ``norm`` is :func:`normalized` (``max``: s / max(s); ``rank``: rank / (n - 1)). The draw uses
+    the Gumbel-top-k trick: adding Gumbel noise to the logits and keeping the top k is an exact
+    sample of k items without replacement, in one vectorised pass.
     """
     scores = scores.float()
-    peak = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    logits = scores / peak / temperature
+    logits = normalized(scores, normalize) / temperature
     uniform = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(1e-20, 1.0)
     return topk(logits - torch.log(-torch.log(uniform)), k)

@@ -19,7 +19,8 @@ class SelectorConfig:
     """How the kept neurons are chosen from their scores."""
 
     name: str = "sampling"  # topk | sampling
-    temperature: float = 0.05  # sampling: softmax(s / max(s) / temperature)
+    temperature: float = 0.05  # sampling: softmax(normalized(s) / temperature)
+    normalize: str = "max"  # sampling: max (s / max(s)) | rank (rank / (n - 1))
     align: int = 1  # kept MLP channels are rounded to a multiple of this (e.g. 64 on GPUs)
 
 

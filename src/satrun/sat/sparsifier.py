@@ -59,6 +59,8 @@ class Sparsifier:
             raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
         if self.selector.name not in ("topk", "sampling"):
             raise ValueError(f"selector.name={self.selector.name!r} is not one of: topk, sampling")
+        if self.selector.normalize not in selection.NORMALIZE:
+            raise ValueError(f"selector.normalize={self.selector.normalize!r} is not one of: {', '.join(selection.NORMALIZE)}")
         decoder = _decoder_layers(self.model)
         chosen = range(len(decoder)) if self.layers is None else sorted(set(self.layers))
         bad = [i for i in chosen if not 0 <= i < len(decoder)]
@@ -120,7 +122,7 @@ class Sparsifier:
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
             return selection.topk(scores, k)
-        return selection.sample(scores, k, self.selector.temperature, self.generator(device))
+        return selection.sample(scores, k, self.selector.temperature, self.generator(device), self.selector.normalize)
 
     def last_selection(self, layer: int) -> dict[str, Optional[torch.Tensor]]:
         """The kept channels and heads of ``layer`` in its latest sparse forward (None if dense)."""

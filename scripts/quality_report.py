@@ -1,0 +1,97 @@
+"""Held-out loss against training FLOPs and wall time, for finished satrun runs.
+
+    python scripts/quality_report.py OUT_DIR LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+
+Each run's training FLOPs come from the FLOP model (satrun.perf.flops), step by step: a step of
+stage S costs 1 / ideal_speedup(S) dense steps (its own per-layer rates, align and layers), so
+the x axis is in dense steps of the same batch. Wall time is the run's own elapsed training
+time (train records' elapsed_s; evaluation excluded). Writes quality.json, a markdown table
+(quality.md) and two plots (loss_vs_flops.png, loss_vs_time.png) into OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from satrun.config import from_dict  # noqa: E402
+from satrun.perf.flops import ideal_speedup  # noqa: E402
+from satrun.perf.plan import shape_of  # noqa: E402
+from satrun.sat import build_stages, stage_at  # noqa: E402
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    raw = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
+    cfg = from_dict({k: v for k, v in raw.items() if k != "hydra"})
+    shape, t = shape_of(cfg.model), cfg.trainer
+    stages = build_stages(cfg.scheduler, t.max_steps)
+    cost = {}
+    for stage in stages:
+        mlp, attn = stage.per_layer(shape.layers, cfg.scheduler.layers)
+        cost[stage.name] = 1.0 / ideal_speedup(shape, t.seq_len, mlp, attn, cfg.selector.align) if not stage.dense else 1.0
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in records if r["kind"] == "train"}
+    flops_at, total = [0.0], 0.0
+    for step in range(t.max_steps):
+        total += cost[stage_at(stages, step).name]
+        flops_at.append(total)
+    evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
+    summary = json.loads((folder / "summary.json").read_text())
+    return {
+        "steps": t.max_steps,
+        "flop_fraction": total / t.max_steps,
+        "dense_step_equivalents": total,
+        "initial_eval_loss": summary["initial_eval_loss"],
+        "eval_loss": summary["eval_loss"],
+        "train_s": summary["train_s"],
+        "curve": [{"step": s, "dense_steps": flops_at[s], "train_s": elapsed.get(s, 0.0 if s == 0 else None), "eval_loss": v}
+                  for s, v in evals],
+        "stages": [{"name": s.name, "steps": s.steps, "mlp_rate": s.mlp_rate, "attn_rate": s.attn_rate} for s in stages],
+        "run_dir": str(folder),
+    }
+
+
+def plot(runs: dict[str, dict[str, Any]], key: str, xlabel: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.6), dpi=120)
+    for i, (label, run) in enumerate(runs.items()):
+        points = [(p[key], p["eval_loss"]) for p in run["curve"] if p[key] is not None]
+        style = "--" if label.startswith("dense") else "-"
+        ax.plot(*zip(*points), style + "o", color=f"C{i % 10}", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out loss (dense evaluation)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or any("=" not in a for a in argv[1:]):
+        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {label: read_run(Path(folder)) for label, folder in (a.split("=", 1) for a in argv[1:])}
+    (out / "quality.json").write_text(json.dumps(runs, indent=2) + "\n")
+    lines = ["| run | steps | FLOPs (dense = 1) | held-out loss: start | end | training time (s) |", "|---|---|---|---|---|---|"]
+    for label, r in runs.items():
+        lines.append(f"| {label} | {r['steps']} | {r['flop_fraction']:.3f} | {r['initial_eval_loss']:.4f} | "
+                     f"{r['eval_loss']:.4f} | {r['train_s']:.0f} |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(runs, "dense_steps", "training FLOPs, in dense steps of 4 x 256 tokens (FLOP model)", out / "loss_vs_flops.png")
+    plot(runs, "train_s", "training time (s, this machine)", out / "loss_vs_time.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

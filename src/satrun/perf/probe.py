@@ -1,0 +1,182 @@
+"""What SAT's sub-networks cost in loss, measured before any training; and per-layer rates from it.
+
+``satrun probe`` runs forwards only (no optimizer, no gradients) on a few real batches:
+
+1. the dense loss;
+2. the loss of the sub-network at each (metric, uniform MLP rate), neurons chosen per layer and
+   micro-batch exactly as in training (the sparse path in training mode, no gradient);
+3. each layer's sensitivity: the loss increase when that layer alone omits ``layer_rate`` of its
+   MLP channels (the configured metric);
+4. with a target speed-up, per-layer rates that reach it (the FLOP model's ideal speed-up of
+   the sparse stage) at the least predicted loss increase, then the measured loss of those rates
+   next to a uniform rate of equal FLOPs.
+
+The prediction behind 4: omitting rate r in layer l alone costs about
+``sensitivity[l] * g(r) / g(layer_rate)``, where g is the configured metric's uniform-rate curve
+of step 2 (loss increase against rate, piecewise linear through 0). Rates are raised in steps of
+``step``, up to the largest measured rate, on the layer whose next step costs least, until the
+target is met.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any, Optional, Sequence
+
+import torch
+
+from satrun.perf.flops import Shape, ideal_speedup
+from satrun.sat.settings import MetricConfig, SelectorConfig
+from satrun.sat.sparsifier import Sparsifier
+
+
+def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[Sparsifier] = None,
+          mlp_rate: Any = 0.0, attn_rate: float = 0.0) -> float:
+    """Mean loss over ``batches`` (the sub-network's when a sparsifier is given)."""
+    losses = []
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if sparsifier is not None:
+                sparsifier.set_rates(mlp_rate, attn_rate, step=i)  # a fresh, seeded draw per batch
+            losses.append(model(**batch).loss.item())
+    return statistics.mean(losses)
+
+
+def measure(
+    model: torch.nn.Module,
+    batches: Sequence[dict],
+    metrics: Sequence[str],
+    rates: Sequence[float],
+    metric: MetricConfig,
+    selector: SelectorConfig,
+    layer_rate: float,
+    attn_rate: float = 0.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Dense loss, loss per (metric, rate), and each layer's loss increase at ``layer_rate``.
+
+    The sub-networks are computed as in training (train mode, sparse path); ``metric`` (stride
+    and name) and ``selector`` are the configured ones, the metric name replaced per row."""
+    model.train()  # the sparse path runs in training mode; Llama-family models have no dropout here
+    dense = _loss(model, batches)
+    curves: dict[str, list[float]] = {}
+    for name in metrics:
+        sat = Sparsifier(model, MetricConfig(name=name, token_stride=metric.token_stride), selector, seed=seed)
+        try:
+            curves[name] = [_loss(model, batches, sat, rate, attn_rate) for rate in rates]
+        finally:
+            sat.remove()
+    sat = Sparsifier(model, metric, selector, seed=seed)
+    try:
+        n = sat.num_layers
+        sensitivity = [
+            _loss(model, batches, sat, [layer_rate if i == layer else 0.0 for i in range(n)], attn_rate) - dense
+            for layer in range(n)
+        ]
+    finally:
+        sat.remove()
+    return {"dense_loss": dense, "rates": list(rates), "loss": curves, "layer_rate": layer_rate,
+            "sensitivity": sensitivity}
+
+
+def _curve(rates: Sequence[float], increases: Sequence[float]) -> Any:
+    """g(r): the loss increase at uniform rate r, piecewise linear through (0, 0), extended
+    linearly past the last measured rate; never negative and never decreasing."""
+    points = [(0.0, 0.0)] + sorted(zip(rates, increases))
+    ys, best = [], 0.0
+    for _, y in points:  # a noisy dip would make omitting more look free
+        best = max(best, y)
+        ys.append(best)
+    xs = [x for x, _ in points]
+
+    def g(r: float) -> float:
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if r <= x1 or x1 == xs[-1]:
+                return y0 + (y1 - y0) * (r - x0) / (x1 - x0)
+        return ys[-1]
+
+    return g
+
+
+def calibrate(
+    sensitivity: Sequence[float],
+    rates: Sequence[float],
+    increases: Sequence[float],
+    layer_rate: float,
+    shape: Shape,
+    seq_len: int,
+    target_speedup: float,
+    attn_rate: float = 0.0,
+    align: int = 1,
+    step: float = 0.05,
+) -> list[float]:
+    """Per-layer MLP rates whose ideal speed-up reaches ``target_speedup`` at the least predicted
+    loss increase (module docstring). No layer goes past the largest measured rate (the curve is
+    not extrapolated). Raises ValueError if even that rate everywhere falls short."""
+    g = _curve(rates, increases)
+    max_rate = max(rates)
+    scale = g(layer_rate) or 1e-9
+    sens = [max(s, 1e-6) for s in sensitivity]  # a layer that measured as harmless still costs a little
+
+    def cost(layer: int, r: float) -> float:
+        return sens[layer] * g(r) / scale
+
+    n = len(sens)
+    if ideal_speedup(shape, seq_len, [max_rate] * n, attn_rate, align) < target_speedup:
+        raise ValueError(f"target speed-up {target_speedup} is beyond reach at rate {max_rate} in every layer")
+    chosen = [0.0] * n
+    while ideal_speedup(shape, seq_len, chosen, attn_rate, align) < target_speedup:
+        options = [(cost(i, min(max_rate, r + step)) - cost(i, r), i) for i, r in enumerate(chosen) if r < max_rate - 1e-9]
+        _, best = min(options)
+        chosen[best] = round(min(max_rate, chosen[best] + step), 6)
+    return chosen
+
+
+def uniform_rate_for(shape: Shape, seq_len: int, target: float, attn_rate: float = 0.0, align: int = 1) -> float:
+    """The smallest uniform MLP rate (to 0.001) whose ideal speed-up reaches ``target``."""
+    lo, hi = 0.0, 0.999
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if ideal_speedup(shape, seq_len, mid, attn_rate, align) >= target:
+            hi = mid
+        else:
+            lo = mid
+    return round(hi, 3)
+
+
+def verify(model: torch.nn.Module, batches: Sequence[dict], metric: MetricConfig, selector: SelectorConfig,
+           layer_rates: Sequence[float], uniform: float, attn_rate: float = 0.0, seed: int = 0) -> dict[str, float]:
+    """Measured loss of the calibrated per-layer rates and of a uniform rate of equal FLOPs."""
+    sat = Sparsifier(model, metric, selector, seed=seed)
+    try:
+        return {"calibrated_loss": _loss(model, batches, sat, list(layer_rates), attn_rate),
+                "uniform_loss": _loss(model, batches, sat, uniform, attn_rate)}
+    finally:
+        sat.remove()
+
+
+def print_probe(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"sub-network loss by metric and MLP rate (dense {result['dense_loss']:.3f})")
+    table.add_column("metric")
+    for rate, speedup in zip(result["rates"], result["ideal_speedups"]):
+        table.add_column(f"r={rate:g} ({speedup:.2f}x)", justify="right")
+    for name, losses in result["loss"].items():
+        table.add_row(name, *(f"{x:.3f}" for x in losses))
+    console.print(table)
+    sens = result["sensitivity"]
+    layers = Table(title=f"layer sensitivity: loss increase with one layer at rate {result['layer_rate']:g} ({result['metric']})")
+    layers.add_column("layers")
+    layers.add_column("loss increase", justify="right")
+    for start in range(0, len(sens), 10):
+        layers.add_row(f"{start}-{min(start + 9, len(sens) - 1)}", " ".join(f"{s:+.3f}" for s in sens[start:start + 10]))
+    console.print(layers)
+    if "calibration" in result:
+        c = result["calibration"]
+        console.print(
+            f"target {c['target_speedup']:.2f}x: per-layer rates (mean {c['mean_rate']:.3f}, ideal {c['ideal_speedup']:.2f}x) "
+            f"loss {c['calibrated_loss']:.3f}; uniform rate {c['uniform_rate']:.3f} of equal FLOPs: loss {c['uniform_loss']:.3f}"
+        )

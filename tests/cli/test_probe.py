@@ -1,0 +1,34 @@
+"""End-to-end: ``satrun probe`` writes its results and a scheduler file that ``satrun train`` takes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.cli.conftest import TINY
+
+
+def test_probe_calibrates_and_train_accepts_the_scheduler_file(satrun, tmp_path: Path) -> None:
+    result = satrun("probe", "model=tiny", "trainer.seq_len=64", "probe.metrics=[random,contrib]", "probe.rates=[0.3,0.6]",
+                    "probe.batches=1", "probe.target_speedup=1.004", "metric=contrib", "hydra.run.dir=probe")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert set(found["loss"]) == {"random", "contrib"} and len(found["sensitivity"]) == 2
+    calibration = found["calibration"]
+    assert calibration["ideal_speedup"] >= 1.004 and len(calibration["layer_rates"]) == 2
+    assert (tmp_path / "probe" / "probe.png").stat().st_size > 0
+    assert "scheduler=calibrated" in result.stdout
+    conf = tmp_path / "probe" / "conf"
+    train = satrun("train", *TINY, "scheduler=calibrated", "metric=contrib", "hydra.run.dir=run", "--config-dir", str(conf))
+    assert train.returncode == 0, train.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    sparse = summary["stages"][0]
+    assert sparse["name"] == "sparse"
+    assert sparse["mlp_rate"] == sum(calibration["layer_rates"]) / 2
+    assert sparse["mlp_layer_rates"] == calibration["layer_rates"]
+
+
+def test_probe_rejects_an_unreachable_target(satrun) -> None:
+    result = satrun("probe", "model=tiny", "trainer.seq_len=64", "probe.metrics=[random]", "probe.rates=[0.5]",
+                    "probe.batches=1", "probe.target_speedup=2", "metric=random")
+    assert result.returncode == 2 and "beyond reach" in result.stderr
