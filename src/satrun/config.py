@@ -158,6 +158,7 @@ _CHOICES = {
     "metric.name": METRICS,
     "selector.name": ("topk", "sampling"),
     "selector.normalize": ("max", "rank"),
+    "selector.fill": ("zero", "mean"),
 }
 
 

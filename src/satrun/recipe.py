@@ -231,7 +231,7 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
                      Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip,
                      bf16_peak_flops(device) if dtype == torch.bfloat16 else None,
-                     cfg.scheduler.layer_rates, _attn_rate(cfg))
+                     _first_stage_layer_rates(cfg), _attn_rate(cfg))
     out = run_dir / "bench.json"
     out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {device.type}, seq {t.seq_len} x {t.micro_batch_size}")
@@ -275,9 +275,9 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     probe_plot(result, run_dir / "probe.png", f"satrun probe: {cfg.model.name}, {p.batches} x {t.micro_batch_size} x {t.seq_len} tokens")
     probe.print_probe(result)
     if "calibration" in result:
-        out = _write_scheduler(cfg, result["calibration"]["layer_rates"], run_dir / "conf" / "scheduler" / "calibrated.yaml")
-        print(f"calibrated scheduler written to {out}; train with:\n"
-              f"  satrun train scheduler=calibrated {_sat_overrides(cfg)} --config-dir {run_dir / 'conf'}")
+        out = _write_calibration(cfg, result["calibration"]["layer_rates"], run_dir / "conf" / "calibration" / "calibrated.yaml")
+        print(f"calibration written to {out}; train with:\n"
+              f"  satrun train calibration=calibrated {_sat_overrides(cfg)} --config-dir {run_dir / 'conf'}")
     print(f"probe written to {run_dir / 'probe.json'} and probe.png")
     return result
 
@@ -289,14 +289,17 @@ def _sat_overrides(cfg: TrainConfig) -> str:
             f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.align={s.align}")
 
 
-def _write_scheduler(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
-    """The configured schedule with the calibrated per-layer MLP rates, as a scheduler config file."""
-    fields = {**asdict(cfg.scheduler), "layers": None, "layer_rates": layer_rates}
+def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
+    """A calibration config file: the mean MLP rate and each layer's share of it, for the
+    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>.yaml)."""
+    mean = sum(layer_rates) / len(layer_rates)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Calibrated by satrun probe for model={cfg.model.name} (target ideal speed-up "
-             f"{cfg.probe.target_speedup} in the sparse stage; rate is unused), measured with:",
-             f"#   {_sat_overrides(cfg)}"]
-    lines += [f"{key}: {json.dumps(value)}" for key, value in fields.items()]
+    lines = ["# @package scheduler",
+             f"# Calibrated by satrun probe for model={cfg.model.name}: target ideal speed-up "
+             f"{cfg.probe.target_speedup} of a sparse step at rate {mean:.4f}; measured with",
+             f"#   {_sat_overrides(cfg)}",
+             f"rate: {mean:.6g}",
+             f"layer_scale: {json.dumps([round(r / mean, 6) if mean else 0.0 for r in layer_rates])}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -313,6 +316,12 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
         raise UsageError(f"model={cfg.model.name}: {exc}") from exc
     except (UnsupportedModel, ValueError) as exc:
         raise UsageError(f"scheduler={cfg.scheduler.name}: {exc} (use scheduler=dense)") from exc
+
+
+def _first_stage_layer_rates(cfg: TrainConfig) -> list[float] | None:
+    """The per-layer MLP rates of the run's first stage, where ``scheduler.layer_scale`` gives them."""
+    rates = build_stages(cfg.scheduler, cfg.trainer.max_steps)[0].mlp_layer_rates
+    return None if rates is None else list(rates)
 
 
 def _attn_rate(cfg: TrainConfig) -> float:

@@ -31,10 +31,10 @@ def test_plan_of_the_default_ladder_weights_stages_by_steps(satrun, tmp_path: Pa
     assert mem["optimizer"] == 2 * mem["weights"] and mem["activations_first_stage"] < mem["activations_dense"]
 
 
-def test_plan_counts_smollm2_once_and_follows_align_layers_and_layer_rates(satrun, tmp_path: Path) -> None:
+def test_plan_counts_smollm2_once_and_follows_align_layers_and_layer_scale(satrun, tmp_path: Path) -> None:
     def plan(*overrides: str) -> dict:
         out = f"plan{len(list(tmp_path.iterdir()))}"
-        result = satrun("plan", "scheduler=constant", "scheduler.rate=0.5", f"hydra.run.dir={out}", *overrides)
+        result = satrun("plan", "scheduler=constant", "scheduler.rate=0.5", "~calibration", f"hydra.run.dir={out}", *overrides)
         assert result.returncode == 0, result.stderr
         return json.loads((tmp_path / out / "plan.json").read_text())
 
@@ -44,11 +44,11 @@ def test_plan_counts_smollm2_once_and_follows_align_layers_and_layer_rates(satru
     assert aligned["stages"][0]["ideal_speedup"] < base["stages"][0]["ideal_speedup"]
     few = plan("scheduler.layers=[0,1,2]")
     assert 1.0 < few["stages"][0]["ideal_speedup"] < base["stages"][0]["ideal_speedup"]
-    rates = [0.0] * 3 + [0.5] * 27
-    per_layer = plan(f"scheduler.layer_rates=[{','.join(map(str, rates))}]")
+    scale = [0.0] * 3 + [1.0] * 27
+    per_layer = plan(f"scheduler.layer_scale=[{','.join(map(str, scale))}]")
     assert per_layer["stages"][0]["mlp_rate"] == pytest.approx(0.45)
-    assert per_layer["stages"][0]["mlp_layer_rates"] == rates
+    assert per_layer["stages"][0]["mlp_layer_rates"] == [0.5 * s for s in scale]
     assert few["stages"][0]["ideal_speedup"] < per_layer["stages"][0]["ideal_speedup"] < base["stages"][0]["ideal_speedup"]
     assert per_layer["run_flop_fraction"] == pytest.approx(1 / per_layer["run_ideal_speedup"])
-    bad = satrun("plan", "scheduler.layer_rates=[0.5,0.5]", "hydra.run.dir=bad")
+    bad = satrun("plan", "scheduler.layer_scale=[1,1]", "hydra.run.dir=bad")
     assert bad.returncode == 2 and "30 layers" in bad.stderr

@@ -35,10 +35,14 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 def masked_reference(model: torch.nn.Module, keep: dict[int, dict[str, torch.Tensor]]) -> list:
-    """Hooks that zero omitted channels' activations and omitted heads' outputs in a dense model."""
+    """Hooks that zero omitted channels' activations and omitted heads' outputs in a dense model
+    (and add the omitted channels' mean output, a constant, where the selection filled it)."""
     handles = []
     for i, layer in enumerate(model.model.layers):
         channels, heads = keep[i]["channels"], keep[i]["heads"]
+        if keep[i].get("fill") is not None:
+            fill = keep[i]["fill"].detach().clone()
+            handles.append(layer.mlp.register_forward_hook(lambda m, a, out, fill=fill: out + fill))
         if channels is not None:
             mask = torch.zeros(layer.mlp.gate_proj.out_features)
             mask[channels] = 1.0
@@ -152,7 +156,7 @@ def test_only_the_chosen_layers_are_sparsified() -> None:
     sat.set_rates(0.5, 0.5, step=0)
     ids, labels = batch()
     model(input_ids=ids, labels=labels).loss.backward()
-    assert sat.last_selection(0) == {"channels": None, "heads": None}
+    assert sat.last_selection(0) == {"channels": None, "heads": None, "fill": None}
     assert sat.last_selection(1)["channels"].numel() == 40
 
 
@@ -230,17 +234,20 @@ def test_frozen_weights_get_no_gradient() -> None:
     assert all(layer.mlp.up_proj.weight.grad is not None for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("fill", ["zero", "mean"])
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
-def test_per_layer_rates_equal_the_masked_reference(arch: str) -> None:
+def test_per_layer_rates_equal_the_masked_reference(arch: str, fill: str) -> None:
     model = build(arch)
     reference = copy.deepcopy(model)
-    sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=3), SelectorConfig(name="sampling"), seed=2)
+    sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=3),
+                     SelectorConfig(name="sampling", normalize="rank", fill=fill), seed=2)
     sat.set_rates([0.0, 0.75], 0.5, step=4)  # layer 0's MLP dense, layer 1 keeps a quarter of its channels
     ids, labels = batch()
     logits, grads = loss_and_grads(model, ids, labels)
     keep = {i: sat.last_selection(i) for i in range(2)}
     assert keep[0]["channels"] is None and keep[1]["channels"].numel() == 20
     assert keep[0]["heads"] is not None and keep[1]["heads"] is not None
+    assert (keep[1]["fill"] is not None) == (fill == "mean") and keep[0]["fill"] is None
     handles = masked_reference(reference, keep)
     ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
     for h in handles:
@@ -272,3 +279,20 @@ def test_contrib_scores_are_output_contributions() -> None:
     got = importance.head_scores("contrib", x, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                                  attn.o_proj.weight, d, 1, None)
     assert torch.allclose(got, torch.stack(heads), rtol=1e-4, atol=1e-6)
+
+
+def test_mean_fill_is_the_omitted_channels_mean_output() -> None:
+    model = build("llama-mha")
+    sat = Sparsifier(model, MetricConfig(name="wanda", token_stride=2), SelectorConfig(name="topk", fill="mean"))
+    sat.set_rates(0.5, 0.0, step=0)
+    ids, labels = batch()
+    captured = {}
+    model.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0].detach()))
+    model(input_ids=ids, labels=labels).loss.backward()
+    mlp, sel = model.model.layers[1].mlp, sat.last_selection(1)
+    x = captured["x"].reshape(-1, 48)[::2]
+    act = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    omitted = torch.ones(80, dtype=torch.bool)
+    omitted[sel["channels"]] = False
+    expected = mlp.down_proj.weight[:, omitted] @ act[:, omitted].mean(0)
+    assert_close(sel["fill"], expected, "mean fill")

@@ -63,15 +63,15 @@ def test_invalid_schedules_are_rejected(cfg: SchedulerConfig, steps: int, messag
         build_stages(cfg, steps)
 
 
-def test_layer_rates_set_each_layer_and_ladder_rungs_scale_them() -> None:
-    cfg = SchedulerConfig(name="ladder", rate=0.9, attn_rate=0.0, sparse_fraction=0.5, ladder_steps=1, dense_fraction=0.25,
-                          layer_rates=[0.0, 0.2, 0.4])
+def test_layer_scale_sets_each_layer_and_ladder_rungs_scale_them() -> None:
+    cfg = SchedulerConfig(name="ladder", rate=0.2, attn_rate=0.0, sparse_fraction=0.5, ladder_steps=1, dense_fraction=0.25,
+                          layer_scale=[0.0, 1.0, 2.0])
     stages = build_stages(cfg, 8)
     assert [s.name for s in stages] == ["sparse", "ladder-1", "dense"]
-    assert stages[0].mlp_layer_rates == (0.0, 0.2, 0.4) and stages[0].mlp_rate == pytest.approx(0.2)  # rate is unused
+    assert stages[0].mlp_layer_rates == pytest.approx((0.0, 0.2, 0.4)) and stages[0].mlp_rate == pytest.approx(0.2)
     assert stages[1].mlp_layer_rates == pytest.approx((0.0, 0.1, 0.2)) and stages[1].mlp_rate == pytest.approx(0.1)
     assert stages[2].dense and stages[2].mlp_layer_rates is None
-    assert stages[0].per_layer(3) == ([0.0, 0.2, 0.4], [0.0, 0.0, 0.0])
+    assert stages[0].per_layer(3) == (list(stages[0].mlp_layer_rates), [0.0, 0.0, 0.0])
     with pytest.raises(ScheduleError, match="4 layers"):
         stages[0].per_layer(4)
 
@@ -81,7 +81,8 @@ def test_uniform_rate_per_layer_follows_layers() -> None:
     assert stage.per_layer(3, [1]) == ([0.0, 0.5, 0.0], [0.0, 0.25, 0.0])
 
 
-@pytest.mark.parametrize("bad", [dict(layer_rates=[]), dict(layer_rates=[0.5, 1.0]), dict(layer_rates=[0.5], layers=[0])])
-def test_bad_layer_rates_are_rejected(bad: dict) -> None:
-    with pytest.raises(ScheduleError, match="layer_rates"):
+@pytest.mark.parametrize("bad", [dict(layer_scale=[]), dict(layer_scale=[1.0, 2.0]), dict(layer_scale=[1.0, -0.1]),
+                                 dict(layer_scale=[1.0], layers=[0])])
+def test_bad_layer_scales_are_rejected(bad: dict) -> None:
+    with pytest.raises(ScheduleError, match="layer_scale"):
         build_stages(SchedulerConfig(name="constant", **bad), 4)

@@ -83,7 +83,7 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """One row per configuration: "plain", "dense", then each rate (MLP channels, and heads at
     the same rate with ``cfg.heads``), then with ``layer_rates`` a row "layer rates" at those
-    per-layer MLP rates and ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the
+    per-layer MLP rates (the first stage's under ``scheduler.layer_scale``) and ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the
     step's precision), each row also gets its model FLOP utilisation."""
     model.train()
     configs: list[tuple[str, Any, float]] = [("plain", 0.0, 0.0), ("dense", 0.0, 0.0)]

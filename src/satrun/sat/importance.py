@@ -35,6 +35,12 @@ def _column_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.float(), dim=0)
 
 
+def activations(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, stride: int) -> torch.Tensor:
+    """silu(x g_i) * (x u_i) of every channel on every ``stride``-th token: ``[tokens / stride, i]``."""
+    sub = x[::stride].to(w_gate.dtype)
+    return F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t())
+
+
 def channel_scores(
     metric: str,
     x: torch.Tensor,
@@ -43,7 +49,10 @@ def channel_scores(
     w_down: torch.Tensor,
     stride: int,
     generator: Optional[torch.Generator],
+    act: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """Channel scores; ``act`` may pass in :func:`activations` of the same x and stride (maxip and
+    contrib read it instead of computing it again)."""
     n = w_gate.shape[0]
     if metric == "random":
         return torch.rand(n, generator=generator, device=w_gate.device)
@@ -53,11 +62,10 @@ def channel_scores(
         norms = _column_norms(x).to(w_gate.dtype)
         return w_gate.abs() @ norms + w_up.abs() @ norms
     if metric == "maxip":
-        sub = x[::stride].to(w_gate.dtype)
-        return F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t()).abs_().amax(0)
+        act = activations(x, w_gate, w_up, stride) if act is None else act
+        return act.abs().amax(0)
     if metric == "contrib":
-        sub = x[::stride].to(w_gate.dtype)
-        act = F.silu(sub @ w_gate.t(), inplace=True).mul_(sub @ w_up.t())
+        act = activations(x, w_gate, w_up, stride) if act is None else act
         return torch.linalg.vector_norm(act, dim=0).mul_(torch.linalg.vector_norm(w_down, dim=0))
     raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
 

@@ -42,7 +42,7 @@ class Stage:
         if self.mlp_layer_rates is not None:
             if len(self.mlp_layer_rates) != n_layers:
                 raise ScheduleError(
-                    f"scheduler.layer_rates has {len(self.mlp_layer_rates)} values; the model has {n_layers} layers"
+                    f"scheduler.layer_scale has {len(self.mlp_layer_rates)} values; the model has {n_layers} layers"
                 )
             mlp = list(self.mlp_layer_rates)
         else:
@@ -61,11 +61,15 @@ def validate(cfg: SchedulerConfig) -> None:
     for key, value in (("scheduler.rate", cfg.rate), ("scheduler.attn_rate", cfg.attn_rate)):
         if value is not None and not 0.0 <= value < 1.0:
             raise ScheduleError(f"{key}={value} must be in [0, 1)")
-    if cfg.layer_rates is not None:
-        if not cfg.layer_rates or not all(0.0 <= r < 1.0 for r in cfg.layer_rates):
-            raise ScheduleError(f"scheduler.layer_rates={list(cfg.layer_rates)} must be one rate in [0, 1) per layer")
+    if cfg.layer_scale is not None:
+        if not cfg.layer_scale or min(cfg.layer_scale) < 0.0:
+            raise ScheduleError(f"scheduler.layer_scale={list(cfg.layer_scale)} must be one non-negative value per layer")
+        if cfg.rate * max(cfg.layer_scale) >= 1.0:
+            raise ScheduleError(
+                f"scheduler.rate={cfg.rate} x scheduler.layer_scale (up to {max(cfg.layer_scale):g}) reaches 1 in some layer; lower the rate"
+            )
         if cfg.layers is not None:
-            raise ScheduleError("scheduler.layer_rates and scheduler.layers exclude each other (a rate of 0 keeps a layer dense)")
+            raise ScheduleError("scheduler.layer_scale and scheduler.layers exclude each other (a scale of 0 keeps a layer dense)")
     for key, value in (("scheduler.sparse_fraction", cfg.sparse_fraction), ("scheduler.dense_fraction", cfg.dense_fraction)):
         if not 0.0 <= value <= 1.0:
             raise ScheduleError(f"{key}={value} must be in [0, 1]")
@@ -81,7 +85,7 @@ def validate(cfg: SchedulerConfig) -> None:
 def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
     """The run's stages in order; they cover steps 0 .. max_steps - 1 exactly."""
     validate(cfg)
-    vector = None if cfg.layer_rates is None else tuple(float(r) for r in cfg.layer_rates)
+    vector = None if cfg.layer_scale is None else tuple(cfg.rate * float(s) for s in cfg.layer_scale)
     mlp = cfg.rate if vector is None else sum(vector) / len(vector)
     attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
     if cfg.name == "dense" or (mlp == 0.0 and attn == 0.0):

@@ -22,6 +22,10 @@ class SelectorConfig:
     temperature: float = 0.05  # sampling: softmax(normalized(s) / temperature)
     normalize: str = "max"  # sampling: max (s / max(s)) | rank (rank / (n - 1))
     align: int = 1  # kept MLP channels are rounded to a multiple of this (e.g. 64 on GPUs)
+    # What omitted MLP channels output: zero (the paper), or mean: their mean output over the
+    # scored tokens, added to the layer's output as a constant (no gradient), which removes the
+    # sub-network's systematic shortfall.
+    fill: str = "zero"
 
 
 @dataclass
@@ -33,9 +37,10 @@ class SchedulerConfig:
     equal stages whose rate falls by rate / (ladder_steps + 1) each, then dense for the last
     ``dense_fraction`` of steps.
 
-    ``layer_rates`` gives each decoder layer its own MLP omission rate in the sparse stage (in
-    place of ``rate``; one value per layer, 0 = that layer stays dense); ladder rungs scale every
-    layer's rate alike. ``satrun probe`` calibrates such a vector from measured sensitivities.
+    ``layer_scale`` spreads the MLP rate over the decoder layers: layer l omits
+    ``rate * layer_scale[l]`` (one value per layer, mean 1 keeps ``rate`` the mean rate; 0 keeps
+    a layer dense); ladder rungs scale every layer alike. ``satrun probe`` calibrates it from
+    measured sensitivities; conf/calibration/<model>.yaml holds a model's calibration.
     """
 
     name: str = "ladder"  # dense | constant | ladder
@@ -45,4 +50,4 @@ class SchedulerConfig:
     ladder_steps: int = 4
     dense_fraction: float = 0.1
     layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all
-    layer_rates: Optional[list[float]] = None  # MLP rate per decoder layer (replaces rate); None = rate everywhere
+    layer_scale: Optional[list[float]] = None  # layer l's MLP rate is rate * layer_scale[l]; None = rate everywhere

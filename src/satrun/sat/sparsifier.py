@@ -59,6 +59,8 @@ class Sparsifier:
             raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
         if self.selector.name not in ("topk", "sampling"):
             raise ValueError(f"selector.name={self.selector.name!r} is not one of: topk, sampling")
+        if self.selector.fill not in ("zero", "mean"):
+            raise ValueError(f"selector.fill={self.selector.fill!r} is not one of: zero, mean")
         if self.selector.normalize not in selection.NORMALIZE:
             raise ValueError(f"selector.normalize={self.selector.normalize!r} is not one of: {', '.join(selection.NORMALIZE)}")
         decoder = _decoder_layers(self.model)
@@ -119,18 +121,29 @@ class Sparsifier:
         dist.all_reduce(scores, op=dist.ReduceOp.MAX if reduce == "max" else dist.ReduceOp.SUM)
         return scores.sqrt_() if reduce == "l2" else scores
 
+    def agree_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Under data parallelism, the mean of per-rank means (equal token counts per rank)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return values
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values.div_(dist.get_world_size())
+
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
             return selection.topk(scores, k)
         return selection.sample(scores, k, self.selector.temperature, self.generator(device), self.selector.normalize)
 
     def last_selection(self, layer: int) -> dict[str, Optional[torch.Tensor]]:
-        """The kept channels and heads of ``layer`` in its latest sparse forward (None if dense)."""
-        found = {"channels": None, "heads": None}
+        """The kept channels and heads of ``layer`` in its latest sparse forward (None if dense),
+        and with ``selector.fill=mean`` the omitted channels' mean output that was added (``fill``)."""
+        found = {"channels": None, "heads": None, "fill": None}
         for module in self._patched:
-            if module._sat.layer == layer:
-                key = "channels" if hasattr(module, "gate_proj") else "heads"
-                found[key] = module._sat.last if module._sat.last is None else module._sat.last[0]
+            last = module._sat.last
+            if module._sat.layer == layer and last is not None:
+                if hasattr(module, "gate_proj"):
+                    found["channels"], found["fill"] = last
+                else:
+                    found["heads"] = last[0]
         return found
 
     def remove(self) -> None:
@@ -179,15 +192,25 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         with torch.no_grad():
             flat = x.detach().reshape(-1, x.shape[-1])
-            scores = importance.channel_scores(
-                owner.metric.name, flat, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
-                owner.metric.token_stride, owner.generator(x.device),
-            )
+            w_gate, w_up, w_down, stride = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, owner.metric.token_stride
+            fill = owner.selector.fill == "mean"
+            act = importance.activations(flat, w_gate, w_up, stride) if fill or owner.metric.name in ("maxip", "contrib") else None
+            scores = importance.channel_scores(owner.metric.name, flat, w_gate, w_up, w_down, stride, owner.generator(x.device), act)
             scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), rate, owner.selector.align)
-            slot.last = (owner.choose(scores[None], k, x.device)[0],)
+            kept = owner.choose(scores[None], k, x.device)[0]
+            slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None)
         owner.select_s += time.perf_counter() - started
-    return sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
+    out = sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
+    return out if slot.last[1] is None else out + slot.last[1].to(out.dtype)
+
+
+def _omitted_mean_output(owner: Sparsifier, act: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What the omitted channels add to the layer's output on average over the scored tokens:
+    W_down[:, omitted] @ mean(act[:, omitted]), as all channels' mean output less the kept ones'
+    (no index of the omitted set is formed, so no device sync)."""
+    mean = owner.agree_mean(act.mean(0))
+    return w_down @ mean - w_down.index_select(1, kept) @ mean.index_select(0, kept)
 
 
 def _select_heads(
