@@ -18,11 +18,11 @@ CONF = Path(config_dir())
 # Discovered from the files, so a new option is covered without touching this test.
 OPTIONS = sorted((p.parent.name, p.stem) for p in CONF.glob("*/*.yaml"))
 DEFAULTS = {
-    k: v
+    k.removeprefix("optional "): v
     for entry in yaml.safe_load((CONF / "train.yaml").read_text(encoding="utf-8"))["defaults"]
     if isinstance(entry, dict)
     for k, v in entry.items()
-}
+}  # calibration: ${model} (the chosen model's calibration file, where it has one)
 NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups whose option sets `name`
 
 
@@ -51,7 +51,8 @@ def test_options_are_discovered():
     assert {"model", "data", "mode", "optim"} <= groups
     assert ("model", "tiny") in OPTIONS and ("data", "chatterbot") in OPTIONS and ("mode", "sft") in OPTIONS
     assert set(DEFAULTS) == groups
-    assert all((g, o) in OPTIONS for g, o in DEFAULTS.items())
+    assert all((g, o) in OPTIONS for g, o in DEFAULTS.items() if g != "calibration")
+    assert DEFAULTS["calibration"] == "${model}" and ("calibration", DEFAULTS["model"]) in OPTIONS
 
 
 def test_default_config_composes(compose):
@@ -75,7 +76,9 @@ def test_every_option_composes(compose, group, option):
     # global-package option sets in other groups are checked by the dedicated tests below.)
     text = (CONF / group / f"{option}.yaml").read_text(encoding="utf-8")
     file_values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
-    if "@package _global_" not in text:
+    if group == "calibration":  # `# @package scheduler`: a model's scheduler values
+        group, file_values = "scheduler", {"scheduler": file_values}
+    elif "@package _global_" not in text:
         file_values = {group: file_values}
     composed = OmegaConf.to_container(OmegaConf.structured(cfg))
     for key, value in file_values.get(group, {}).items():

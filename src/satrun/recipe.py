@@ -286,7 +286,7 @@ def _sat_overrides(cfg: TrainConfig) -> str:
     """The metric and selector settings a calibration was measured with, as overrides."""
     m, s = cfg.metric, cfg.selector
     return (f"metric={m.name} metric.token_stride={m.token_stride} selector={s.name} "
-            f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.align={s.align}")
+            f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.fill={s.fill} selector.align={s.align}")
 
 
 def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:

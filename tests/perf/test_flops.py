@@ -33,16 +33,16 @@ def counted(model: torch.nn.Module) -> dict[str, float]:
 def test_matmul_flops_match_an_independent_count(heads: int, kv_heads: int, rate: float) -> None:
     model = tiny(heads, kv_heads)
     if rate:  # random scores: scoring itself adds no matrix product here (maxip's is checked below)
-        sat = Sparsifier(model, MetricConfig(name="random"))
+        sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(fill="zero"))
         sat.set_rates(rate, rate, step=0)
     ours = token_flops(Shape.from_config(model.config), SEQ, rate, rate)
     # On CPU the SDPA kernel is not counted: every counted op is a matrix product of the model.
     assert counted(model)["aten.mm"] == pytest.approx(ours.attn_proj + ours.mlp + ours.lm_head)
 
 
-def test_maxip_scoring_costs_one_stride_of_the_scored_projections() -> None:
+def test_maxip_scoring_and_mean_fill_cost_one_stride_of_the_scored_projections() -> None:
     model = tiny(4, 2)
-    sat = Sparsifier(model, MetricConfig(name="maxip", token_stride=16))
+    sat = Sparsifier(model, MetricConfig(name="maxip", token_stride=16), SelectorConfig(fill="mean"))
     sat.set_rates(0.5, 0.5, step=0)
     shape = Shape.from_config(model.config)
     ours = token_flops(shape, SEQ, 0.5, 0.5)
@@ -74,7 +74,7 @@ def test_layer_rates_align_and_layers_match_an_independent_count(per_layer: bool
     shape = Shape.from_config(model.config)
     layers = None if per_layer else [1]
     mlp = [0.0, 0.6] if per_layer else 0.6  # either way layer 0's MLP stays dense
-    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(align=32), layers=layers)
+    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(align=32, fill="zero"), layers=layers)
     sat.set_rates(mlp, 0.5, step=0)
     ours = token_flops(shape, SEQ, mlp, 0.5, align=32, layers=layers)
     assert counted(model)["aten.mm"] == pytest.approx(ours.attn_proj + ours.mlp + ours.lm_head)

@@ -10,8 +10,8 @@ from typing import Optional
 class MetricConfig:
     """How neurons are scored (see docs/method.md for each formula and its cost)."""
 
-    name: str = "maxip"  # random | magnitude | wanda | maxip | contrib
-    token_stride: int = 16  # maxip and contrib score every token_stride-th token of the micro-batch
+    name: str = "contrib"  # random | magnitude | wanda | maxip | contrib
+    token_stride: int = 8  # maxip and contrib score every token_stride-th token of the micro-batch
 
 
 @dataclass
@@ -20,12 +20,12 @@ class SelectorConfig:
 
     name: str = "sampling"  # topk | sampling
     temperature: float = 0.05  # sampling: softmax(normalized(s) / temperature)
-    normalize: str = "max"  # sampling: max (s / max(s)) | rank (rank / (n - 1))
+    normalize: str = "rank"  # sampling: max (s / max(s)) | rank (rank / (n - 1))
     align: int = 1  # kept MLP channels are rounded to a multiple of this (e.g. 64 on GPUs)
     # What omitted MLP channels output: zero (the paper), or mean: their mean output over the
     # scored tokens, added to the layer's output as a constant (no gradient), which removes the
     # sub-network's systematic shortfall.
-    fill: str = "zero"
+    fill: str = "mean"
 
 
 @dataclass

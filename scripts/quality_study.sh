@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The quality study of docs/quality.md: does the default SAT configuration give a better model
+# per unit of training compute than dense training, on SmolLM2-135M?
+#
+# CPT (World English Bible, 150 steps of 4 x 256 tokens, held-out loss on all held-out blocks
+# every 15 steps, dense evaluation):
+#   dense150      dense training, 150 steps
+#   sat150        `satrun train` as shipped (the default SAT configuration), 150 steps
+#   denseN        dense training with its own full schedule for N = round(150 x SAT's FLOP
+#                 fraction) steps (from `satrun plan`): the same training FLOPs as sat150
+#   sat150-s7, denseN-s7   the same pair with seed 7 (evaluated at start and end only)
+#   paper150      the paper-shaped SAT of earlier releases (maxip, max-normalised sampling,
+#                 zero fill, LORS ladder from MLP rate 0.5), 150 steps
+# SFT (chatterbot, 60 steps of 4 chats): sft-dense60, sft-sat60, sft-denseN.
+# Then the probe that calibrated the default, and the plots/tables (scripts/quality_report.py).
+#
+# Takes about 2 h on two CPU cores (each 150-step CPT run 13-16 min). Runs one at a time (wall
+# times are only comparable without other load); a finished run (summary.json present) is kept.
+#
+#   scripts/quality_study.sh                 # into outputs/quality-study
+#   OUT=elsewhere ONLY="dense150 sat150" scripts/quality_study.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/quality-study}
+SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo satrun )}
+PYTHON=$(dirname "$(command -v "$SATRUN")")/python
+ONLY=${ONLY:-}
+mkdir -p "$OUT"
+
+CPT=(trainer.max_steps=150 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
+SFT=(mode=sft data=chatterbot trainer.max_steps=60 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
+PAPER=(metric=maxip metric.token_stride=16 selector.normalize=max selector.fill=zero "~calibration")
+
+run() {  # run NAME OVERRIDES...: one satrun train into $OUT/NAME, skipped when done or not in ONLY
+    local name=$1; shift
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    if [ -f "$OUT/$name/summary.json" ]; then echo "$name: done already"; return; fi
+    rm -rf "${OUT:?}/$name"
+    echo "$name: satrun train $*"
+    "$SATRUN" train "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
+}
+
+dense_steps() {  # dense_steps STEPS OVERRIDES...: round(STEPS x the default SAT run's FLOP fraction)
+    local steps=$1; shift
+    "$SATRUN" plan trainer.max_steps="$steps" "$@" hydra.run.dir="$OUT/plan-$steps" > /dev/null
+    "$PYTHON" -c "import json,sys; p=json.load(open(sys.argv[1])); print(round($steps * p['run_flop_fraction']))" "$OUT/plan-$steps/plan.json"
+}
+
+N=$(dense_steps 150)
+run dense150 "${CPT[@]}" scheduler=dense
+run sat150 "${CPT[@]}"
+run "dense$N" "${CPT[@]}" scheduler=dense trainer.max_steps="$N"
+run sat150-s7 "${CPT[@]}" trainer.eval_every=0 trainer.seed=7
+run "dense$N-s7" "${CPT[@]}" trainer.eval_every=0 trainer.seed=7 scheduler=dense trainer.max_steps="$N"
+run paper150 "${CPT[@]}" "${PAPER[@]}"
+
+NS=$(dense_steps 60 mode=sft data=chatterbot)
+run sft-dense60 "${SFT[@]}" scheduler=dense
+run sft-sat60 "${SFT[@]}"
+run "sft-dense$NS" "${SFT[@]}" scheduler=dense trainer.max_steps="$NS"
+
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then
+    "$SATRUN" probe probe.target_speedup=1.16 "~calibration" hydra.run.dir="$OUT/probe" > "$OUT/probe.log" 2>&1
+fi
+
+report() {  # report FOLDER LABEL=RUN...: only the runs that finished
+    local dest=$1; shift
+    local have=()
+    for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
+    [ ${#have[@]} -gt 0 ] && "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"
+}
+report "$OUT/cpt" "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
+    "SAT paper-shaped 150=$OUT/paper150"
+report "$OUT/cpt-seed7" "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
+report "$OUT/sft" "dense 60=$OUT/sft-dense60" "SAT default 60=$OUT/sft-sat60" "dense $NS=$OUT/sft-dense$NS"
