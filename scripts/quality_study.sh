@@ -14,6 +14,9 @@
 # SFT (chatterbot, 60 steps of 4 chats): sft-dense60, sft-sat60, sft-denseN.
 # Then the probe that calibrated the default, and the plots/tables (scripts/quality_report.py).
 #
+# Screens (ONLY="screens"; about 4 min each): 40 steps at a constant rate, evaluated at the end:
+# dense, a uniform rate, and per-layer rates from two earlier calibrations, zero and mean fill.
+#
 # Takes about 2 h on two CPU cores (each 150-step CPT run 13-16 min). Runs one at a time (wall
 # times are only comparable without other load); a finished run (summary.json present) is kept.
 #
@@ -46,6 +49,22 @@ dense_steps() {  # dense_steps STEPS OVERRIDES...: round(STEPS x the default SAT
     "$PYTHON" -c "import json,sys; p=json.load(open(sys.argv[1])); print(round($steps * p['run_flop_fraction']))" "$OUT/plan-$steps/plan.json"
 }
 
+SCREEN=(trainer.max_steps=40 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log "~calibration"
+        metric=contrib metric.token_stride=8 selector.normalize=rank)
+# per-layer profiles from `satrun probe probe.target_speedup=1.13 metric=contrib metric.token_stride=8
+# selector.normalize=rank selector.fill=zero` (layers capped at 0.5; sparse-step speed-up 1.11x)
+# and the same at 1.16 (1.16x)
+CAL111=0.175 PROFILE111=[0,0,0,0,0.571429,0.571429,0.571429,0,0,1.71429,0.571429,0.571429,1.71429,1.71429,1.71429,1.14286,2.85714,1.71429,2.85714,1.71429,1.71429,1.71429,0.571429,1.42857,0.571429,0.571429,1.14286,0.571429,1.71429,0]
+CAL116=0.241667 PROFILE116=[0,0,0,0,0.827586,0.827586,0.413793,0.206897,0.413793,1.24138,0.413793,0.827586,2.06897,1.24138,1.24138,1.24138,2.06897,2.06897,2.06897,2.06897,1.24138,2.06897,0.827586,1.24138,0.827586,0.827586,1.24138,0.827586,1.24138,0.413793]
+if [[ " $ONLY " == *" screens "* ]]; then
+    ONLY="$ONLY s40-dense s40-uniform02 s40-cal111 s40-cal111-mean s40-cal116"
+    run s40-dense "${SCREEN[@]}" scheduler=dense
+    run s40-uniform02 "${SCREEN[@]}" scheduler=constant scheduler.rate=0.2 selector.fill=zero
+    run s40-cal111 "${SCREEN[@]}" scheduler=constant scheduler.rate=$CAL111 scheduler.layer_scale=$PROFILE111 selector.fill=zero
+    run s40-cal111-mean "${SCREEN[@]}" scheduler=constant scheduler.rate=$CAL111 scheduler.layer_scale=$PROFILE111 selector.fill=mean
+    run s40-cal116 "${SCREEN[@]}" scheduler=constant scheduler.rate=$CAL116 scheduler.layer_scale=$PROFILE116 selector.fill=zero
+fi
+
 N=$(dense_steps 150)
 run dense150 "${CPT[@]}" scheduler=dense
 run sat150 "${CPT[@]}"
@@ -67,9 +86,11 @@ report() {  # report FOLDER LABEL=RUN...: only the runs that finished
     local dest=$1; shift
     local have=()
     for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
-    [ ${#have[@]} -gt 0 ] && "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"
+    if [ ${#have[@]} -gt 0 ]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
 }
 report "$OUT/cpt" "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
     "SAT paper-shaped 150=$OUT/paper150"
+report "$OUT/screens" "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
+    "per-layer 1.11x, mean fill=$OUT/s40-cal111-mean" "per-layer 1.16x=$OUT/s40-cal116"
 report "$OUT/cpt-seed7" "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
 report "$OUT/sft" "dense 60=$OUT/sft-dense60" "SAT default 60=$OUT/sft-sat60" "dense $NS=$OUT/sft-dense$NS"

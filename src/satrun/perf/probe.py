@@ -25,9 +25,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from satrun.data import label_tokens
 from satrun.perf.flops import Shape, ideal_speedup
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
+from satrun.training.loss import causal_lm_loss
 
 
 def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[Sparsifier] = None,
@@ -38,7 +40,7 @@ def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[
         for i, batch in enumerate(batches):
             if sparsifier is not None:
                 sparsifier.set_rates(mlp_rate, attn_rate, step=i)  # a fresh, seeded draw per batch
-            losses.append(model(**batch).loss.item())
+            losses.append(causal_lm_loss(model, batch, label_tokens(batch)).item())  # the training loss, chunked
     return statistics.mean(losses)
 
 

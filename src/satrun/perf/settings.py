@@ -19,7 +19,7 @@ class ProbeConfig:
     """What `satrun probe` measures (forwards only) and, with a target, calibrates."""
 
     metrics: list[str] = field(default_factory=lambda: ["maxip", "contrib", "wanda", "magnitude", "random"])
-    rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.7])  # uniform MLP rates compared
+    rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])  # uniform MLP rates compared
     batches: int = 2  # micro-batches of training data each loss is averaged over
     layer_rate: float = 0.5  # the rate one layer at a time omits, for its sensitivity
     target_speedup: Optional[float] = None  # sparse-stage ideal speed-up to calibrate per-layer rates for
