@@ -12,7 +12,8 @@
 #   paper150      the paper-shaped SAT of earlier releases (maxip, max-normalised sampling,
 #                 zero fill, LORS ladder from MLP rate 0.5), 150 steps
 # SFT (chatterbot, 60 steps of 4 chats): sft-dense60, sft-sat60, sft-denseN.
-# Then the probe that calibrated the default, and the plots/tables (scripts/quality_report.py).
+# Then the probe that calibrated the default (and the same probe under top-k and under the
+# paper's max-normalised sampling with zero fill), and the plots/tables (scripts/quality_report.py).
 #
 # Screens (ONLY="screens"; about 4 min each): 40 steps at a constant rate, evaluated at the end:
 # dense, a uniform rate, and per-layer rates from two earlier calibrations, zero and mean fill.
@@ -78,8 +79,10 @@ run sft-dense60 "${SFT[@]}" scheduler=dense
 run sft-sat60 "${SFT[@]}"
 run "sft-dense$NS" "${SFT[@]}" scheduler=dense trainer.max_steps="$NS"
 
-if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then  # the default's calibration, then other selectors
     "$SATRUN" probe probe.target_speedup=1.16 "~calibration" hydra.run.dir="$OUT/probe" > "$OUT/probe.log" 2>&1
+    "$SATRUN" probe selector=topk selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-topk" > "$OUT/probe-topk.log" 2>&1
+    "$SATRUN" probe selector.normalize=max selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-max" > "$OUT/probe-max.log" 2>&1
 fi
 
 report() {  # report FOLDER LABEL=RUN...: only the runs that finished
