@@ -90,8 +90,8 @@ def run_bench(
     configs += [(f"rate {r:g}", r, r if cfg.heads else 0.0) for r in cfg.rates]
     if layer_rates is not None:
         configs.append(("layer rates", tuple(layer_rates), layer_attn_rate))
-    times: dict[str, list[float]] = {name: [] for name, _ in configs}
-    select: dict[str, list[float]] = {name: [] for name, _ in configs}
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    select: dict[str, list[float]] = {name: [] for name, *_ in configs}
     tokens = statistics.mean(label_tokens(b) for b in batches)
     for round_ in range(cfg.repeats * cfg.steps + 1):  # round 0 is warm-up
         shift = round_ % len(configs)  # rotate the order: no row always runs first

@@ -207,10 +207,10 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _omitted_mean_output(owner: Sparsifier, act: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """What the omitted channels add to the layer's output on average over the scored tokens:
-    W_down[:, omitted] @ mean(act[:, omitted]), as all channels' mean output less the kept ones'
-    (no index of the omitted set is formed, so no device sync)."""
+    W_down[:, omitted] @ mean(act[:, omitted]), one matrix-vector product with the kept channels'
+    means zeroed (no index of the omitted set is formed, so no device sync, and no weight gather)."""
     mean = owner.agree_mean(act.mean(0))
-    return w_down @ mean - w_down.index_select(1, kept) @ mean.index_select(0, kept)
+    return w_down @ mean.index_fill_(0, kept, 0.0)
 
 
 def _select_heads(
