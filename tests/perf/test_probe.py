@@ -46,3 +46,16 @@ def test_measure_on_a_tiny_model() -> None:
     assert "forward" not in vars(model.model.layers[0].mlp)  # every sparsifier was removed
     checked = probe.verify(model, batches, MetricConfig(name="contrib"), SelectorConfig(name="topk"), [0.0, 0.9], 0.45)
     assert set(checked) == {"calibrated_loss", "uniform_loss"}
+
+
+def test_sensitivity_from_kept_layer_inputs_equals_full_forwards() -> None:
+    from satrun.sat import Sparsifier
+
+    model = build("qwen2")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": (ids := torch.randint(0, 97, (2, 12), generator=g)), "labels": ids} for _ in range(2)]
+    sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=2), SelectorConfig(), seed=3)
+    dense = probe._loss(model, batches)
+    fast = probe._sensitivity(model, batches, sat, 0.5, 0.0, dense)
+    slow = [probe._loss(model, batches, sat, [0.5 if j == layer else 0.0 for j in range(2)]) - dense for layer in range(2)]
+    assert fast == pytest.approx(slow, abs=1e-5) and all(abs(x) > 1e-4 for x in fast)
