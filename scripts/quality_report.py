@@ -1,12 +1,15 @@
 """Held-out loss against training FLOPs and wall time, for finished satrun runs.
 
-    python scripts/quality_report.py OUT_DIR LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+    python scripts/quality_report.py OUT_DIR [--bench BENCH_JSON] LABEL=RUN_DIR [LABEL=RUN_DIR ...]
 
 Each run's training FLOPs come from the FLOP model (satrun.perf.flops), step by step: a step of
 stage S costs 1 / ideal_speedup(S) dense steps (its own per-layer rates, align and layers), so
-the x axis is in dense steps of the same batch. Wall time is the run's own elapsed training
-time (train records' elapsed_s; evaluation excluded). Writes quality.json, a markdown table
-(quality.md) and two plots (loss_vs_flops.png, loss_vs_time.png) into OUT_DIR.
+the x axis is in dense steps of the same batch. Training time: with --bench, each step costs the
+step time `satrun bench` measured for its configuration (dense and sparse side by side in one
+process: the "dense" row, and the row of the stage's MLP rate), so runs made one beside another
+still compare fairly; stages the bench did not time leave the run off that plot. Without it,
+the run's own elapsed training time (train records' elapsed_s). Writes quality.json, a
+markdown table (quality.md) and two plots (loss_vs_flops.png, loss_vs_time.png) into OUT_DIR.
 """
 
 from __future__ import annotations
@@ -28,7 +31,16 @@ from satrun.perf.plan import shape_of  # noqa: E402
 from satrun.sat import build_stages, stage_at  # noqa: E402
 
 
-def read_run(folder: Path) -> dict[str, Any]:
+def _bench_step_s(rows: list[dict[str, Any]], stage: Any) -> float | None:
+    if stage.dense:
+        return next(r["step_s"] for r in rows if r["name"] == "dense")
+    for r in rows:
+        if r["name"] not in ("plain", "dense") and abs(r["rate"] - stage.mlp_rate) < 1e-6:
+            return r["step_s"]
+    return None
+
+
+def read_run(folder: Path, bench: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     raw = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
     cfg = from_dict({k: v for k, v in raw.items() if k != "hydra"})
     shape, t = shape_of(cfg.model), cfg.trainer
@@ -40,9 +52,16 @@ def read_run(folder: Path) -> dict[str, Any]:
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records if r["kind"] == "train"}
     flops_at, total = [0.0], 0.0
+    times: list[float | None] = [0.0]
     for step in range(t.max_steps):
-        total += cost[stage_at(stages, step).name]
+        stage = stage_at(stages, step)
+        total += cost[stage.name]
         flops_at.append(total)
+        if bench is not None:
+            step_s = _bench_step_s(bench, stage)
+            times.append(None if step_s is None or times[-1] is None else times[-1] + step_s)
+    if bench is not None:
+        elapsed = dict(enumerate(times))
     evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
     summary = json.loads((folder / "summary.json").read_text())
     return {
@@ -51,7 +70,7 @@ def read_run(folder: Path) -> dict[str, Any]:
         "dense_step_equivalents": total,
         "initial_eval_loss": summary["initial_eval_loss"],
         "eval_loss": summary["eval_loss"],
-        "train_s": summary["train_s"],
+        "train_s": summary["train_s"] if bench is None else elapsed.get(t.max_steps),
         "curve": [{"step": s, "dense_steps": flops_at[s], "train_s": elapsed.get(s, 0.0 if s == 0 else None), "eval_loss": v}
                   for s, v in evals],
         "stages": [{"name": s.name, "steps": s.steps, "mlp_rate": s.mlp_rate, "attn_rate": s.attn_rate} for s in stages],
@@ -75,21 +94,27 @@ def plot(runs: dict[str, dict[str, Any]], key: str, xlabel: str, path: Path) -> 
 
 
 def main(argv: list[str]) -> int:
+    bench = None
+    if len(argv) > 2 and argv[1] == "--bench":
+        bench = json.loads(Path(argv[2]).read_text())
+        argv = [argv[0], *argv[3:]]
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
         print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    runs = {label: read_run(Path(folder)) for label, folder in (a.split("=", 1) for a in argv[1:])}
+    runs = {label: read_run(Path(folder), bench) for label, folder in (a.split("=", 1) for a in argv[1:])}
     (out / "quality.json").write_text(json.dumps(runs, indent=2) + "\n")
     lines = ["| run | steps | FLOPs (dense = 1) | held-out loss: start | end | training time (s) |", "|---|---|---|---|---|---|"]
     for label, r in runs.items():
+        time = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         lines.append(f"| {label} | {r['steps']} | {r['flop_fraction']:.3f} | {r['initial_eval_loss']:.4f} | "
-                     f"{r['eval_loss']:.4f} | {r['train_s']:.0f} |")
+                     f"{r['eval_loss']:.4f} | {time} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot(runs, "dense_steps", "training FLOPs, in dense steps of 4 x 256 tokens (FLOP model)", out / "loss_vs_flops.png")
-    plot(runs, "train_s", "training time (s, this machine)", out / "loss_vs_time.png")
+    xlabel = "training time (s; steps timed by satrun bench)" if bench else "training time (s, this machine)"
+    plot({k: v for k, v in runs.items() if v["train_s"] is not None}, "train_s", xlabel, out / "loss_vs_time.png")
     return 0
 
 
