@@ -56,6 +56,18 @@ def masked_reference(model: torch.nn.Module, keep: dict[int, dict[str, torch.Ten
     return handles
 
 
+def assert_matches_masked_reference(reference: torch.nn.Module, keep: dict, ids: torch.Tensor, labels: torch.Tensor,
+                                    logits: torch.Tensor, grads: dict) -> None:
+    """The sparse model's logits and gradients equal the dense reference with the same neurons masked."""
+    handles = masked_reference(reference, keep)
+    ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
+    for h in handles:
+        h.remove()
+    assert_close(logits, ref_logits, "logits")
+    for name in ref_grads:
+        assert_close(grads[name], ref_grads[name], name)
+
+
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_rate_zero_equals_unmodified_model(arch: str) -> None:
     plain = build(arch)
@@ -85,13 +97,7 @@ def test_sparse_step_equals_masked_dense_reference(arch: str, metric: str) -> No
         assert sel["channels"].numel() == 40  # half of 80 channels
         n_heads = model.config.num_attention_heads
         assert sel["heads"].numel() == round(n_heads / 2)
-    handles = masked_reference(reference, keep)
-    ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
-    for h in handles:
-        h.remove()
-    assert_close(logits, ref_logits, "logits")
-    for name in ref_grads:
-        assert_close(grads[name], ref_grads[name], name)
+    assert_matches_masked_reference(reference, keep, ids, labels, logits, grads)
     for i, layer in enumerate(model.model.layers):  # omitted neurons get exactly zero gradient
         omitted = torch.ones(layer.mlp.gate_proj.out_features, dtype=torch.bool)
         omitted[keep[i]["channels"]] = False
@@ -248,13 +254,7 @@ def test_per_layer_rates_equal_the_masked_reference(arch: str, fill: str) -> Non
     assert keep[0]["channels"] is None and keep[1]["channels"].numel() == 20
     assert keep[0]["heads"] is not None and keep[1]["heads"] is not None
     assert (keep[1]["fill"] is not None) == (fill == "mean") and keep[0]["fill"] is None
-    handles = masked_reference(reference, keep)
-    ref_logits, ref_grads = loss_and_grads(reference, ids, labels)
-    for h in handles:
-        h.remove()
-    assert_close(logits, ref_logits, "logits")
-    for name in ref_grads:
-        assert_close(grads[name], ref_grads[name], name)
+    assert_matches_masked_reference(reference, keep, ids, labels, logits, grads)
     with pytest.raises(ValueError, match="3 MLP rates"):
         sat.set_rates([0.5, 0.5, 0.5], 0.0, step=0)
 
