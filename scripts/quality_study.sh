@@ -8,6 +8,7 @@
 #   sat150        `satrun train` as shipped (the default SAT configuration), 150 steps
 #   denseN        dense training with its own full schedule for N = round(150 x SAT's FLOP
 #                 fraction) steps (from `satrun plan`): the same training FLOPs as sat150
+#                 (evaluated at start and end only)
 #   sat150-s7, denseN-s7   the same pair with seed 7 (evaluated at start and end only)
 #   paper150      the paper-shaped SAT of earlier releases (maxip, max-normalised sampling,
 #                 zero fill, LORS ladder from MLP rate 0.5), 150 steps
@@ -18,8 +19,10 @@
 # Screens (ONLY="screens"; about 4 min each): 40 steps at a constant rate, evaluated at the end:
 # dense, a uniform rate, and per-layer rates from two earlier calibrations, zero and mean fill.
 #
-# Takes about 2 h on two CPU cores (each 150-step CPT run 13-16 min). Runs one at a time (wall
-# times are only comparable without other load); a finished run (summary.json present) is kept.
+# Takes about 2 h on two CPU cores (each 150-step CPT run 15-20 min). The time axis of the plots
+# comes from `satrun bench` (dense and sparse steps timed side by side, run alone), so the
+# training runs may share the machine; the probe and the bench should not. A finished run
+# (summary.json present) is kept.
 #
 #   scripts/quality_study.sh                 # into outputs/quality-study
 #   OUT=elsewhere ONLY="dense150 sat150" scripts/quality_study.sh
@@ -69,7 +72,7 @@ fi
 N=$(dense_steps 150)
 run dense150 "${CPT[@]}" scheduler=dense
 run sat150 "${CPT[@]}"
-run "dense$N" "${CPT[@]}" scheduler=dense trainer.max_steps="$N"
+run "dense$N" "${CPT[@]}" trainer.eval_every=0 scheduler=dense trainer.max_steps="$N"
 run sat150-s7 "${CPT[@]}" trainer.eval_every=0 trainer.seed=7
 run "dense$N-s7" "${CPT[@]}" trainer.eval_every=0 trainer.seed=7 scheduler=dense trainer.max_steps="$N"
 run paper150 "${CPT[@]}" "${PAPER[@]}"
@@ -79,17 +82,21 @@ run sft-dense60 "${SFT[@]}" scheduler=dense
 run sft-sat60 "${SFT[@]}"
 run "sft-dense$NS" "${SFT[@]}" scheduler=dense trainer.max_steps="$NS"
 
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" bench "* ]]; then  # step times of dense and the default's sparse stage
+    "$SATRUN" bench bench.rates=[0.3] bench.steps=3 bench.repeats=2 hydra.run.dir="$OUT/bench" > "$OUT/bench.log" 2>&1
+fi
 if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then  # the default's calibration, then other selectors
     "$SATRUN" probe probe.target_speedup=1.16 "~calibration" hydra.run.dir="$OUT/probe" > "$OUT/probe.log" 2>&1
     "$SATRUN" probe selector=topk selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-topk" > "$OUT/probe-topk.log" 2>&1
     "$SATRUN" probe selector.normalize=max selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-max" > "$OUT/probe-max.log" 2>&1
 fi
 
-report() {  # report FOLDER LABEL=RUN...: only the runs that finished
+report() {  # report FOLDER LABEL=RUN...: only the runs that finished; time axis from the bench
     local dest=$1; shift
     local have=()
+    [ -f "$OUT/bench/bench.json" ] && have+=(--bench "$OUT/bench/bench.json")
     for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
-    if [ ${#have[@]} -gt 0 ]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
+    if [[ " ${have[*]} " == *"="* ]]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
 }
 report "$OUT/cpt" "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
     "SAT paper-shaped 150=$OUT/paper150"

@@ -19,7 +19,7 @@ def test_plan_llama2_7b_without_weights(satrun, tmp_path: Path) -> None:
 
 
 def test_plan_of_the_default_ladder_weights_stages_by_steps(satrun, tmp_path: Path) -> None:
-    result = satrun("plan", "trainer.max_steps=100", "hydra.run.dir=plan")
+    result = satrun("plan", "trainer.max_steps=100", "~calibration", "hydra.run.dir=plan")  # the paper's ladder
     assert result.returncode == 0, result.stderr
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     stages = plan["stages"]
@@ -52,3 +52,15 @@ def test_plan_counts_smollm2_once_and_follows_align_layers_and_layer_scale(satru
     assert per_layer["run_flop_fraction"] == pytest.approx(1 / per_layer["run_ideal_speedup"])
     bad = satrun("plan", "scheduler.layer_scale=[1,1]", "hydra.run.dir=bad")
     assert bad.returncode == 2 and "30 layers" in bad.stderr
+
+
+def test_plan_of_the_default_model_uses_its_calibration(satrun, tmp_path: Path) -> None:
+    result = satrun("plan", "trainer.max_steps=150", "hydra.run.dir=plan")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    sparse, dense = plan["stages"]
+    assert (sparse["name"], sparse["steps"], dense["name"], dense["steps"]) == ("sparse", 135, "dense", 15)
+    rates = sparse["mlp_layer_rates"]
+    assert len(rates) == 30 and rates[0] == 0.0 and max(rates) == pytest.approx(0.5)
+    assert sparse["mlp_rate"] == pytest.approx(sum(rates) / 30)
+    assert plan["run_flop_fraction"] <= 0.88 and plan["run_ideal_speedup"] >= 1.14  # the quality study's bar
