@@ -12,7 +12,7 @@
 #   sat150-s7, denseN-s7   the same pair with seed 7 (evaluated at start and end only)
 #   paper150      the paper-shaped SAT of earlier releases (maxip, max-normalised sampling,
 #                 zero fill, LORS ladder from MLP rate 0.5), 150 steps
-# SFT (chatterbot, 60 steps of 4 chats): sft-dense60, sft-sat60, sft-denseN.
+# SFT (chatterbot, 30 steps of 4 chats): sft-dense30, sft-sat30, sft-denseN.
 # Then the probe that calibrated the default (and the same probe under top-k and under the
 # paper's max-normalised sampling with zero fill), and the plots/tables (scripts/quality_report.py).
 #
@@ -35,7 +35,7 @@ ONLY=${ONLY:-}
 mkdir -p "$OUT"
 
 CPT=(trainer.max_steps=150 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
-SFT=(mode=sft data=chatterbot trainer.max_steps=60 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
+SFT=(mode=sft data=chatterbot trainer.max_steps=30 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
 PAPER=(metric=maxip metric.token_stride=16 selector.normalize=max selector.fill=zero "~calibration")
 
 run() {  # run NAME OVERRIDES...: one satrun train into $OUT/NAME, skipped when done or not in ONLY
@@ -77,9 +77,9 @@ run sat150-s7 "${CPT[@]}" trainer.eval_every=0 trainer.seed=7
 run "dense$N-s7" "${CPT[@]}" trainer.eval_every=0 trainer.seed=7 scheduler=dense trainer.max_steps="$N"
 run paper150 "${CPT[@]}" "${PAPER[@]}"
 
-NS=$(dense_steps 60 mode=sft data=chatterbot)
-run sft-dense60 "${SFT[@]}" scheduler=dense
-run sft-sat60 "${SFT[@]}"
+NS=$(dense_steps 30 mode=sft data=chatterbot)
+run sft-dense30 "${SFT[@]}" scheduler=dense
+run sft-sat30 "${SFT[@]}"
 run "sft-dense$NS" "${SFT[@]}" scheduler=dense trainer.max_steps="$NS"
 
 if [ -z "$ONLY" ] || [[ " $ONLY " == *" bench "* ]]; then  # step times of dense and the default's sparse stage
@@ -103,4 +103,4 @@ report "$OUT/cpt" "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense
 report "$OUT/screens" "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
     "per-layer 1.11x, mean fill=$OUT/s40-cal111-mean" "per-layer 1.16x=$OUT/s40-cal116"
 report "$OUT/cpt-seed7" "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
-report "$OUT/sft" "dense 60=$OUT/sft-dense60" "SAT default 60=$OUT/sft-sat60" "dense $NS=$OUT/sft-dense$NS"
+report "$OUT/sft" "dense 30=$OUT/sft-dense30" "SAT default 30=$OUT/sft-sat30" "dense $NS=$OUT/sft-dense$NS"
