@@ -61,6 +61,6 @@ def test_plan_of_the_default_model_uses_its_calibration(satrun, tmp_path: Path) 
     sparse, dense = plan["stages"]
     assert (sparse["name"], sparse["steps"], dense["name"], dense["steps"]) == ("sparse", 135, "dense", 15)
     rates = sparse["mlp_layer_rates"]
-    assert len(rates) == 30 and rates[0] == 0.0 and max(rates) == pytest.approx(0.5)
+    assert len(rates) == 30 and rates[0] == 0.0 and max(rates) == pytest.approx(0.5, abs=1e-5)
     assert sparse["mlp_rate"] == pytest.approx(sum(rates) / 30)
     assert plan["run_flop_fraction"] <= 0.88 and plan["run_ideal_speedup"] >= 1.14  # the quality study's bar
