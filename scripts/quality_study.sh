@@ -91,16 +91,19 @@ if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then  # the default's calib
     "$SATRUN" probe selector.normalize=max selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-max" > "$OUT/probe-max.log" 2>&1
 fi
 
-report() {  # report FOLDER LABEL=RUN...: only the runs that finished; time axis from the bench
+report() {  # report FOLDER [--bench] LABEL=RUN...: only the runs that finished; --bench: time axis from it
     local dest=$1; shift
     local have=()
-    [ -f "$OUT/bench/bench.json" ] && have+=(--bench "$OUT/bench/bench.json")
+    if [ "$1" = --bench ]; then
+        shift
+        [ -f "$OUT/bench/bench.json" ] && have+=(--bench "$OUT/bench/bench.json")
+    fi
     for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
     if [[ " ${have[*]} " == *"="* ]]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
 }
-report "$OUT/cpt" "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
+report "$OUT/cpt" --bench "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
     "SAT paper-shaped 150=$OUT/paper150"
-report "$OUT/screens" "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
+report "$OUT/screens" --bench "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
     "per-layer 1.11x, mean fill=$OUT/s40-cal111-mean" "per-layer 1.16x=$OUT/s40-cal116"
-report "$OUT/cpt-seed7" "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
+report "$OUT/cpt-seed7" --bench "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
 report "$OUT/sft" "dense 30=$OUT/sft-dense30" "SAT default 30=$OUT/sft-sat30" "dense $NS=$OUT/sft-dense$NS"
