@@ -113,7 +113,7 @@ class Sparsifier:
         same neurons (the selection generator is seeded alike everywhere). maxip's maximum over
         tokens is reduced by maximum, contrib's root of a sum of squares by the root of the summed
         squares (the score of the ranks' tokens together), the other metrics by sum."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _data_parallel():
             return scores
         reduce = importance.REDUCE[self.metric.name]
         if reduce == "l2":
@@ -123,7 +123,7 @@ class Sparsifier:
 
     def agree_mean(self, values: torch.Tensor) -> torch.Tensor:
         """Under data parallelism, the mean of per-rank means (equal token counts per rank)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _data_parallel():
             return values
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         return values.div_(dist.get_world_size())
@@ -150,6 +150,11 @@ class Sparsifier:
         for module in self._patched:
             del module.forward, module._sat
         self._patched.clear()
+
+
+def _data_parallel() -> bool:
+    """Whether several ranks train together (scores and fills are then agreed across them)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
