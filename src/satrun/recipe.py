@@ -8,15 +8,15 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from satrun.config import TrainConfig
 from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import RunStopped, UsageError
-from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length
+from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf import probe
 from satrun.perf.flops import Shape, ideal_speedup
@@ -46,15 +46,18 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
     resume_from = _agreed_resume_point(cfg.resume, run_dir, display, world.main)
-    tokenizer, model, corpus = load_inputs(cfg)
+    resume = checkpoint.load_state(resume_from) if resume_from is not None else None
+    sharded = distributed.sharded_start(cfg.trainer.strategy, world)
+    if resume is not None:
+        checkpoint.check_resumable(resume, world.size, sharded)
+    random_here = cfg.model.source == "random" and resume is None and world.main  # broadcast from here
+    tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
         f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
     )
-    resume = None
-    if resume_from is not None:
-        load_weights(model, resume_from)
-        resume = checkpoint.load_state(resume_from)
+    fill = _weight_source(cfg, model, resume, sharded)
+    if resume is not None:
         display.message(f"resuming from {resume_from} (step {resume['run']['step']})")
 
     sparsity = _sparsity(cfg, model)
@@ -62,11 +65,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     keep_through = resume["run"]["step"] if resume else None
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
 
-    def write_model(folder: Path, weights: dict | None) -> Path:
-        return write_hf_folder(model, tokenizer, folder, weights)
+    def write_model(folder: Path) -> Path:
+        return write_hf_folder(model, tokenizer, folder)
 
     summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
-                    hooks=[sparsity], resume=resume, logger=logger)
+                    hooks=[sparsity], resume=resume, logger=logger, fill=fill)
     overhead = sparsity.overhead_by_stage()
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
     for stage in summary["stages"]:
@@ -75,10 +78,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    gathered = distributed.full_state_dict(model)  # FSDP2: every rank takes part
-    if world.main:
-        save_hf_folder(model, tokenizer, run_dir / "final", gathered)
-    distributed.barrier()
+    save_hf_folder(model, tokenizer, run_dir / "final")  # FSDP2: every rank writes its shards
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
@@ -184,14 +184,15 @@ def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | Non
     return found[-1]
 
 
-def load_inputs(cfg: TrainConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
-    """Seeded tokenizer, model (CPU, fp32) and data, after the checks that need no data."""
+def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
+    """Seeded tokenizer, model (CPU, fp32; ``empty``: parameters on the meta device, to be
+    filled later) and data, after the checks that need no data."""
     if runtime.resolve_device(cfg.trainer.device).type == "cpu":  # also fails on a bad device before loading
         if not runtime.keep_freed_host_memory():
             logging.getLogger("satrun").info("host allocator not tuned (needs glibc): CPU steps may fault their memory in afresh")
-    runtime.seed_everything(cfg.trainer.seed)
+    set_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, tokenizer)
+    model = load_model(cfg.model, tokenizer, empty=empty)
     limit = max_sequence_length(model)
     if limit is not None and cfg.trainer.seq_len > limit:
         raise UsageError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model={cfg.model.name}'s maximum of {limit} positions")
@@ -302,6 +303,23 @@ def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -
              f"layer_scale: {json.dumps([round(r / mean, 6) if mean else 0.0 for r in layer_rates])}"]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _weight_source(cfg: TrainConfig, model: PreTrainedModel, resume: dict[str, Any] | None,
+                   sharded: bool) -> Callable[[torch.nn.Module], None] | None:
+    """How the parameters get their values once the trainer has wrapped the model (None: they
+    have them). A resumed run reads its checkpoint (sharded checkpoints: the trainer restores
+    them with the optimizer); an FSDP2 start has each rank read its own shards of the
+    pre-trained weights, or, for a random model, take them from the first rank, which built it."""
+    if resume is not None:
+        return None if resume["sharded"] else (lambda m: load_weights(m, Path(resume["folder"])))
+    if not sharded:
+        return None
+    folder = weights_folder(cfg.model)
+    if folder is not None:
+        return lambda m: load_weights(m, folder)
+    full = model.state_dict() if distributed.current().main else None  # the first rank's whole model
+    return lambda m: distributed.broadcast_weights(m, full)
 
 
 def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:

@@ -9,7 +9,7 @@ import torch
 
 from satrun.config import DataConfig
 from satrun.data import build_corpus
-from satrun.data.batches import BatchStream, collate, eval_batches, label_tokens
+from satrun.data.batches import BatchStream, GlobalBatchSampler, collate, eval_batches, label_tokens
 from satrun.data.sft import IGNORE
 
 PAD = 99
@@ -125,6 +125,70 @@ def test_resume_continues_with_the_same_batches(consumed):
     for a, b in zip(expected, got):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batches_are_those_of_the_hand_written_stream_before_the_dataloader():
+    """Pinned sequences: a checkpoint's data position means the same batches as it did before
+    the stream became a DataLoader (the earlier hand-written iteration gave exactly these)."""
+    assert _take(BatchStream(_examples(10), 3, PAD, seed=42), 8) == [
+        [2, 6, 1], [8, 4, 5], [0, 9, 3], [8, 4, 9], [0, 5, 1], [6, 7, 2], [2, 6, 3], [8, 7, 9]]
+    assert _take(BatchStream(_examples(10), 2, PAD, seed=7, rank=1, ranks=2), 8) == [
+        [3, 4], [9, 6], [0, 1], [4, 7], [8, 7], [9, 1], [6, 1], [9, 8]]
+
+
+@pytest.mark.parametrize("n,micro,ranks", [(12, 2, 2), (10, 1, 3), (11, 3, 2)])
+def test_ranks_together_take_the_global_batch_of_one_process(n, micro, ranks):
+    """Contiguous slices, not torch's DistributedSampler (rank::world interleaving, padded epochs):
+    concatenated in rank order, the ranks' batches are one process's batch of ranks x micro."""
+    examples = _examples(n)
+    single = BatchStream(examples, micro * ranks, PAD, seed=3)
+    streams = [BatchStream(examples, micro, PAD, seed=3, rank=r, ranks=ranks) for r in range(ranks)]
+    for _ in range(3 * n // (micro * ranks) + 2):  # across several epochs, ragged tails included
+        parts = [next(s) for s in streams]
+        whole = next(single)
+        assert all(p["input_ids"].shape[0] == micro for p in parts)
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+        assert all(s.state_dict() == single.state_dict() for s in streams)
+
+
+def test_too_few_examples_for_a_global_batch_is_a_usage_error():
+    from satrun.errors import UsageError
+
+    with pytest.raises(UsageError, match="fewer than one global batch"):
+        BatchStream(_examples(5), 3, PAD, seed=0, rank=0, ranks=2)
+
+
+def test_loading_a_state_into_a_running_stream_continues_from_it():
+    examples = _examples(10)
+    source = BatchStream(examples, 3, PAD, seed=1)
+    _take(source, 5)
+    state = source.state_dict()
+    running = BatchStream(examples, 3, PAD, seed=1)
+    _take(running, 2)  # its DataLoader iterator exists already
+    running.load_state_dict(state)
+    assert _take(running, 6) == _take(source, 6)
+
+
+def test_the_stream_is_a_dataloader_that_leaves_the_global_rng_alone():
+    stream = BatchStream(_examples(10), 3, PAD, seed=1, pin_memory=False)
+    assert isinstance(stream.loader, torch.utils.data.DataLoader)
+    assert stream.loader.batch_sampler is stream.sampler and isinstance(stream.sampler, GlobalBatchSampler)
+    assert stream.loader.num_workers == 0 and not stream.loader.pin_memory
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _take(stream, 7)  # creating the loader's iterator draws its base seed from a private generator
+    stream.load_state_dict({"epoch": 0, "position": 0})
+    _take(stream, 2)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_pinned_batches_for_cuda():
+    pinned = next(BatchStream(_examples(10), 3, PAD, seed=1, pin_memory=True))
+    plain = next(BatchStream(_examples(10), 3, PAD, seed=1))
+    assert all(t.is_pinned() for t in pinned.values())
+    assert all(torch.equal(pinned[k], plain[k]) for k in plain)
 
 
 def test_no_label_leaks_between_examples_in_padded_sft_batches(tokenizer, tmp_path):

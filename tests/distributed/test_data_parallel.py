@@ -1,5 +1,7 @@
 """Two CPU ranks (gloo) train exactly like one process on the global batch: DDP and FSDP2,
-dense and SAT; one run folder; launcher=torchrun; exact resume under DDP and FSDP2."""
+dense and SAT; FSDP2 starting from the meta device (random weights broadcast from the first
+rank, or pre-trained weights read shard by shard); one run folder; launcher=torchrun; exact
+resume under DDP and from FSDP2's sharded checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.cli.conftest import read_jsonl, run_satrun
 
@@ -41,7 +42,16 @@ def assert_same_training(run: Path, reference: Path) -> None:
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
     assert losses == pytest.approx(expected, rel=1e-5)
-    got, want = load_file(run / "final" / "model.safetensors"), load_file(reference / "final" / "model.safetensors")
+    assert_same_weights(run / "final", reference / "final")
+
+
+def assert_same_weights(folder: Path, reference: Path) -> None:
+    """Both folders load in transformers, to the same weights (FSDP2 writes joined shards)."""
+    from transformers import AutoModelForCausalLM
+
+    got = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    want = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    assert got.keys() == want.keys()
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
@@ -82,10 +92,30 @@ def test_resume_continues_exactly(tmp_path: Path, strategy: str) -> None:
     full_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"}
     resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
     assert sorted(resumed_losses) == [3, 4] and all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
-    from transformers import AutoModelForCausalLM  # the checkpoint's model folder holds whole (gathered) weights
+    assert_same_weights(tmp_path / "resumed" / "final", tmp_path / "full" / "final")
+    step = tmp_path / "full" / "checkpoints" / "step_2"
+    if strategy == "fsdp":  # each rank wrote its own shards; no whole model anywhere
+        assert sorted(p.name for p in (step / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert not list(step.glob("*.safetensors"))
+        single = run_satrun(["train", *args, "resume=full/checkpoints/step_2", "hydra.run.dir=single"], tmp_path)
+        assert single.returncode == 2 and len(single.stderr.strip().splitlines()) == 1, single.stderr
+        assert "written by 2 FSDP2 ranks" in single.stderr
+    else:  # DDP: the first rank's model folder
+        from transformers import AutoModelForCausalLM
 
-    checkpoint = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoints" / "step_2")
-    assert checkpoint.model.embed_tokens.weight.shape == (49152, 64)
+        assert AutoModelForCausalLM.from_pretrained(step).model.embed_tokens.weight.shape == (49152, 64)
+
+
+def test_fsdp_reads_pretrained_weights_shard_by_shard(single, tmp_path: Path) -> None:
+    """Each rank builds the model on the meta device and reads only its rows of the weights."""
+    pretrained = ["model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "trainer.max_steps=2"]
+    one = run_satrun(["train", *RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=4", "hydra.run.dir=one"],
+                     tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=2", "trainer.strategy=fsdp",
+                    "hydra.run.dir=two"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_training(tmp_path / "two", tmp_path / "one")
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:

@@ -13,23 +13,39 @@ def _write_model(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(b"weights")
 
 
+MODEL = torch.nn.Linear(2, 2)
+OPTIMIZER = torch.optim.SGD(MODEL.parameters(), lr=0.1)
+
+
+def save(folder: Path, step: int, write_model, state: dict, keep: int) -> Path:  # type: ignore[no-untyped-def]
+    return checkpoint.save_checkpoint(folder, step, MODEL, OPTIMIZER, state, write_model, keep)
+
+
+def state_of(folder: Path) -> dict:
+    """The loop's own part of a checkpoint's training state."""
+    state = checkpoint.load_state(folder)
+    assert state.pop("optimizer") == OPTIMIZER.state_dict() and state.pop("sharded") is False
+    assert state.pop("folder") == str(folder)
+    return state
+
+
 def test_checkpoints_are_found_in_step_order_and_pruned(tmp_path: Path) -> None:
     for step in (9, 10, 2):
-        checkpoint.save_checkpoint(tmp_path, step, _write_model, {"step": step}, keep=2)
+        save(tmp_path, step, _write_model, {"step": step}, keep=2)
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_9", "step_10"]
-    assert checkpoint.load_state(tmp_path / "step_10") == {"step": 10}
+    assert state_of(tmp_path / "step_10") == {"step": 10}
     assert (tmp_path / "step_10" / "model.safetensors").read_bytes() == b"weights"
 
 
 def test_a_failed_save_leaves_the_previous_checkpoints_alone(tmp_path: Path) -> None:
-    checkpoint.save_checkpoint(tmp_path, 1, _write_model, {"step": 1}, keep=0)
+    save(tmp_path, 1, _write_model, {"step": 1}, keep=0)
 
     def crash(folder: Path) -> None:
         _write_model(folder)
         raise OSError("disk full")
 
     try:
-        checkpoint.save_checkpoint(tmp_path, 2, crash, {"step": 2}, keep=0)
+        save(tmp_path, 2, crash, {"step": 2}, keep=0)
     except OSError:
         pass
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_1"]
@@ -39,7 +55,7 @@ def test_a_failed_save_leaves_the_previous_checkpoints_alone(tmp_path: Path) -> 
 def test_incomplete_folders_do_not_count(tmp_path: Path) -> None:
     (tmp_path / "step_5").mkdir()  # no training state: e.g. copied by hand, half-way
     (tmp_path / ".step_6.tmp-abc").mkdir()  # staging folder of a killed save
-    checkpoint.save_checkpoint(tmp_path, 3, None, {}, keep=0)
+    save(tmp_path, 3, None, {}, keep=0)
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path)] == ["step_3"]
     assert not (tmp_path / ".step_6.tmp-abc").exists()  # the next save cleans up
 
@@ -52,8 +68,8 @@ def test_rng_state_round_trips() -> None:
 
 
 def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:
-    checkpoint.save_checkpoint(tmp_path, 4, _write_model, {"run": 1}, keep=0)
-    checkpoint.save_checkpoint(tmp_path, 4, None, {"run": 2}, keep=0)
-    assert checkpoint.load_state(tmp_path / "step_4") == {"run": 2}
+    save(tmp_path, 4, _write_model, {"run": 1}, keep=0)
+    save(tmp_path, 4, None, {"run": 2}, keep=0)
+    assert state_of(tmp_path / "step_4") == {"run": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]  # no old copy, no staging left
     assert not (tmp_path / "step_4" / "model.safetensors").exists()

@@ -1,4 +1,5 @@
-"""The fused, chunked cross-entropy equals the plain logits path: loss and every gradient."""
+"""The fused, chunked cross-entropy equals the plain logits path: loss and every gradient, with
+torch's implementation (``IMPLEMENTATION = "torch"``) and with satrun's own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from satrun.data.sft import IGNORE
 from satrun.training import loss as loss_module
 from satrun.training.loss import causal_lm_loss, linear_cross_entropy
 from tests.sat.models import build
+
+IMPLEMENTATIONS = ["torch", "satrun"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(loss_module, "IMPLEMENTATION", request.param)
+    return request.param
 
 
 def _batch(vocab: int) -> dict[str, torch.Tensor]:
@@ -29,8 +38,13 @@ def _reference(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum") / 50
 
 
+def test_torch_is_the_default() -> None:
+    assert loss_module.IMPLEMENTATION == "torch"
+
+
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
-def test_fused_loss_and_gradients_equal_the_logits_path(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fused_loss_and_gradients_equal_the_logits_path(arch: str, implementation: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 97 * 16)  # several chunks, the last one short
     model = build(arch)
     batch = _batch(97)
@@ -40,30 +54,76 @@ def test_fused_loss_and_gradients_equal_the_logits_path(arch: str, monkeypatch: 
     model.zero_grad()
     got = causal_lm_loss(model, batch, 50)
     got.backward()
+    assert got.dtype == torch.float32
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_without_gradients_only_the_loss_is_computed() -> None:
+def test_the_flag_selects_the_implementation(implementation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = F.linear_cross_entropy
+    monkeypatch.setattr(F, "linear_cross_entropy", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    hidden, weight = torch.randn(10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    targets = torch.tensor([1, 2, IGNORE, 4, 5, 6, 7, 8, 9, IGNORE])
+    linear_cross_entropy(hidden, weight, targets).backward()
+    if implementation == "satrun":
+        assert calls == []
+    else:
+        assert len(calls) == 1 and calls[0]["reduction"] == "sum" and calls[0]["ignore_index"] == IGNORE
+        options = calls[0]["options"]  # chunked (not torch's reference path), in satrun's chunk size
+        assert options.batch_chunk_size == loss_module.CHUNK_ELEMENTS // 30 and options.chunking_method is None
+    calls.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # 16-bit computation: always satrun's own path
+        linear_cross_entropy(hidden, weight, targets)
+    assert calls == []
+
+
+def test_an_unknown_implementation_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "IMPLEMENTATION", "triton")
+    with pytest.raises(ValueError, match="IMPLEMENTATION"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]))
+
+
+def test_both_implementations_agree_with_each_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 300 * 7)  # 7 rows a chunk
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(50, 16, generator=g), torch.randn(300, 16, generator=g) * 0.3
+    targets = torch.randint(0, 300, (50,), generator=g)
+    targets[::4] = IGNORE
+    results = {}
+    for name in IMPLEMENTATIONS:
+        monkeypatch.setattr(loss_module, "IMPLEMENTATION", name)
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets)
+        (loss * 0.5).backward()  # backward scales the precomputed gradients by the upstream gradient
+        results[name] = loss.detach(), h.grad, w.grad
+    for got, want in zip(results["torch"], results["satrun"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_without_gradients_only_the_loss_is_computed(implementation: str) -> None:
     hidden, weight = torch.randn(10, 8), torch.randn(30, 8)
     targets = torch.tensor([1, 2, IGNORE, 4, 5, 6, 7, 8, 9, IGNORE])
     with torch.no_grad():
         got = linear_cross_entropy(hidden, weight, targets)
     expected = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE, reduction="sum")
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.no_grad():  # every target ignored: zero, not NaN
+        assert linear_cross_entropy(hidden, weight, torch.full((10,), IGNORE)).item() == 0.0
 
 
-def test_bf16_autocast_stays_close_to_the_logits_path() -> None:
+def test_bf16_autocast_stays_close_to_the_logits_path(implementation: str) -> None:
     model = build("llama-gqa")
     batch = _batch(97)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _reference(model, batch)
         got = causal_lm_loss(model, batch, 50)
+    assert got.dtype == torch.float32  # summed in fp32, not in the autocast dtype
     assert got.item() == pytest.approx(expected.item(), rel=1e-2)
 
 
-def test_evaluation_builds_no_gradient_buffers() -> None:
+def test_evaluation_builds_no_gradient_buffers(implementation: str) -> None:
     from satrun.perf.memory import TensorMemory
 
     hidden, weight = torch.randn(8, 256, requires_grad=True), torch.randn(4000, 256, requires_grad=True)

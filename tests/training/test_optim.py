@@ -74,6 +74,35 @@ def test_no_warmup_starts_at_lr(schedule):
     assert lr_at(MAX_STEPS - 1, cfg, MAX_STEPS) == pytest.approx(end)
 
 
+def _transformers_factor(make):
+    """The lr factor per step of a transformers schedule (its LambdaLR's lambda)."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    return make(optimizer).lr_lambdas[0]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_decay_is_transformers_wsd_decay_but_warmup_is_not(schedule):
+    """Why lr_at is satrun's own (docs/design.md): after warm-up it is transformers' WSD decay
+    (no stable phase, decaying over the steps after the peak step), but no transformers schedule
+    has satrun's warm-up (lr * (step + 1) / warmup, never 0) together with a min_lr_ratio floor."""
+    from transformers.optimization import (
+        get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup, get_wsd_schedule,
+    )
+
+    cfg = _cfg(schedule)
+    wsd = _transformers_factor(lambda o: get_wsd_schedule(
+        o, num_warmup_steps=WARMUP, num_decay_steps=MAX_STEPS - WARMUP - 1, num_stable_steps=0,
+        decay_type=schedule, min_lr_ratio=MIN_RATIO))
+    assert [lr_at(s, cfg, MAX_STEPS) for s in range(WARMUP, MAX_STEPS + 5)] == pytest.approx(
+        [LR * wsd(s) for s in range(WARMUP, MAX_STEPS + 5)])
+    assert LR * wsd(0) == pytest.approx(LR * MIN_RATIO)  # WSD warms up from the floor, not from lr / warmup
+    hf = _transformers_factor(lambda o: get_cosine_schedule_with_warmup(o, WARMUP, MAX_STEPS) if schedule == "cosine"
+                              else get_linear_schedule_with_warmup(o, WARMUP, MAX_STEPS))
+    assert hf(0) == 0.0 and lr_at(0, cfg, MAX_STEPS) == pytest.approx(LR / WARMUP)  # HF's first step trains nothing
+    assert hf(WARMUP - 1) < 1.0 and lr_at(WARMUP - 1, cfg, MAX_STEPS) == pytest.approx(LR)
+    assert LR * hf(MAX_STEPS - 1) < LR * MIN_RATIO / 2  # no floor: min_lr_ratio would be ignored
+
+
 class _Tiny(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

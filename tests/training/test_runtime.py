@@ -31,3 +31,40 @@ def test_freed_host_memory_is_reused_instead_of_faulted_in_again():
     default, kept = map(int, out.split())
     assert default >= 5  # by default every 64 MiB tensor is mapped afresh: its pages fault in (4 KiB or huge)
     assert kept < default // 20
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+    import torch
+
+    return random.random(), random.getrandbits(64), np.random.rand(3).tolist(), torch.rand(3).tolist(), \
+        torch.randint(0, 2**62, (2,)).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 1234, 2**31, 2**32 - 1])
+def test_transformers_set_seed_seeds_exactly_as_satrun_did(seed):
+    """satrun seeds with ``transformers.set_seed``; the generators start where satrun's own
+    seeding (random, NumPy with ``seed % 2**32``, torch) put them, for every seed NumPy takes."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    before = _draws()
+    set_seed(seed)
+    assert _draws() == before
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_seeds_numpy_cannot_take_are_refused_by_set_seed(seed):
+    """Where satrun's own seeding wrapped the seed into NumPy's range, set_seed raises."""
+    from transformers import set_seed
+
+    with pytest.raises(ValueError):
+        set_seed(seed)

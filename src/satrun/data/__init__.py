@@ -11,11 +11,12 @@ from transformers import PreTrainedTokenizerBase
 
 from satrun.config import DataConfig
 from satrun.data import cpt, sft
-from satrun.data.batches import BatchStream, Example, collate, eval_batches, label_tokens
+from satrun.data.batches import BatchStream, Example, GlobalBatchSampler, collate, eval_batches, label_tokens
 from satrun.data.sources import load_raw
 from satrun.errors import UsageError
 
-__all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "collate", "eval_batches", "label_tokens"]
+__all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "GlobalBatchSampler", "collate", "eval_batches",
+           "label_tokens"]
 
 FORMAT_VERSION = "1"  # bump when tokenization changes, to invalidate cached datasets
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import functools
+from typing import Iterator, Optional, Sequence
 
 import torch
-
-from satrun.errors import UsageError
+import torch.utils.data
 
 from satrun.data.sft import IGNORE
+from satrun.errors import UsageError
 
 Example = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), 1-D int64
 
@@ -33,46 +34,80 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return batch
 
 
-class BatchStream:
-    """Endless shuffled micro-batches, reshuffled each epoch from ``seed + epoch``.
+class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Endless batches of example indices, reshuffled each epoch from ``seed + epoch``.
 
-    Its position is two integers, so a resumed run continues with the very next batch without
-    replaying the data. Under data parallelism each of ``ranks`` streams takes its slice
-    (``rank``) of one global batch of ``ranks * batch_size`` examples, so the ranks together see
-    what one process with the global batch size would.
+    Each batch is this rank's contiguous slice of one global batch of ``ranks * batch_size``
+    indices, so the ranks together take exactly what one process with the global batch size
+    would (torch's ``DistributedSampler`` interleaves ranks and pads the epoch, which would not).
+    An epoch's tail shorter than a global batch is skipped. The position is two integers, the
+    state to resume from.
     """
 
-    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
-                 rank: int = 0, ranks: int = 1) -> None:
-        if len(examples) < batch_size * ranks:
-            raise UsageError(f"{len(examples)} training examples are fewer than one global batch "
-                             f"({ranks} ranks x micro-batch {batch_size})")
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size * ranks, pad_id, seed
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, ranks: int = 1) -> None:
+        self.size, self.global_batch, self.seed = size, batch_size * ranks, seed
         self.rank_slice = slice(rank * batch_size, (rank + 1) * batch_size)
         self.epoch, self.position = 0, 0
-        self._order = self._permutation()
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its permutation)
 
     def _permutation(self) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.examples), generator=generator).tolist()
+        if self._order[0] != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._order = (self.epoch, torch.randperm(self.size, generator=generator).tolist())
+        return self._order[1]
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position + self.batch_size > len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        chosen = self._order[self.position : self.position + self.batch_size][self.rank_slice]
-        self.position += self.batch_size
-        return collate([self.examples[i] for i in chosen], self.pad_id)
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:  # reads the position afresh each time, so a loaded state takes effect at once
+            if self.position + self.global_batch > self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+            chosen = self._permutation()[self.position : self.position + self.global_batch][self.rank_slice]
+            self.position += self.global_batch
+            yield chosen
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = state["epoch"], state["position"]
-        self._order = self._permutation()
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class BatchStream:
+    """Endless shuffled, collated micro-batches: a ``DataLoader`` over ``GlobalBatchSampler``.
+
+    A resumed run continues with the very next batch without replaying the data. Under data
+    parallelism each of ``ranks`` streams takes its slice (``rank``) of one global batch. With
+    ``pin_memory`` (for a CUDA device) batches come in page-locked host memory, so that
+    ``.to(device, non_blocking=True)`` copies asynchronously. Batches are collated in this
+    process (no workers), one per ``next()``, so the sampler's position is always that of the
+    batches taken; the loader's seed comes from a private generator, so iterating leaves torch's
+    global random state alone (which a resumed run restores).
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int,
+                 rank: int = 0, ranks: int = 1, pin_memory: bool = False) -> None:
+        if len(examples) < batch_size * ranks:
+            raise UsageError(f"{len(examples)} training examples are fewer than one global batch "
+                             f"({ranks} ranks x micro-batch {batch_size})")
+        self.sampler = GlobalBatchSampler(len(examples), batch_size, seed, rank, ranks)
+        self.loader = torch.utils.data.DataLoader(
+            examples, batch_sampler=self.sampler, collate_fn=functools.partial(collate, pad_id=pad_id),
+            num_workers=0, pin_memory=pin_memory, generator=torch.Generator(),
+        )
+        self._batches: Optional[Iterator[dict[str, torch.Tensor]]] = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return next(self._batches)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
 
 
 def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int, limit: int) -> list[dict[str, torch.Tensor]]:

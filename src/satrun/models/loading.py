@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from satrun.config import ModelConfig
@@ -41,8 +44,12 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The model in float32 on the CPU; the trainer moves it and sets up precision."""
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, empty: bool = False) -> PreTrainedModel:
+    """The model in float32 on the CPU; the trainer moves it and sets up precision.
+
+    ``empty``: the parameters are created on the meta device (no memory; buffers are real), for
+    an FSDP2 start where each rank fills only its own shard afterwards (:func:`load_weights`).
+    """
     if cfg.source == "random":
         if cfg.vocab_size is not None and cfg.vocab_size < len(tokenizer):
             raise UsageError(
@@ -62,12 +69,39 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=cfg.tie_word_embeddings,
         )
-        return LlamaForCausalLM(config)
+        with _parameters_on_meta(empty):
+            model = LlamaForCausalLM(config)
+        return _tied(model) if empty else model
     try:
-        model = AutoModelForCausalLM.from_pretrained(_location(cfg), dtype=torch.float32)
+        if empty:
+            config = AutoConfig.from_pretrained(_location(cfg))
+            with _parameters_on_meta(True):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            return _tied(model)
+        return AutoModelForCausalLM.from_pretrained(_location(cfg), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise _missing(cfg, "the weights", exc) from exc
+
+
+def weights_folder(cfg: ModelConfig) -> Optional[Path]:
+    """The safetensors folder the model's weights come from (None for a random model)."""
+    return None if cfg.source == "random" else Path(_location(cfg))
+
+
+def _tied(model: PreTrainedModel) -> PreTrainedModel:
+    """Tie the weights again (outside the meta context): parameters replaced on their way to the
+    meta device lose their ties."""
+    model.tie_weights()
     return model
+
+
+def _parameters_on_meta(empty: bool) -> contextlib.AbstractContextManager:
+    """Parameters created on the meta device, buffers (e.g. rotary frequencies) computed as usual."""
+    if not empty:
+        return contextlib.nullcontext()
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def max_sequence_length(model: PreTrainedModel) -> int | None:
@@ -76,18 +110,32 @@ def max_sequence_length(model: PreTrainedModel) -> int | None:
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the safetensors weights of a Hugging Face folder written by ``save_pretrained`` into
-    ``model``. Tied weights (saved once) are the only keys allowed to be missing."""
-    from safetensors.torch import load_file
+    """Load the safetensors weights of a Hugging Face folder into ``model``, whose parameters
+    may be FSDP2 shards: each process then reads only its own rows (torch.distributed.checkpoint's
+    Hugging Face reader; without a process group it reads everything). Tied weights, saved
+    once, are loaded once; any other missing or unexpected tensor is an error."""
+    import torch.distributed.checkpoint as dcp
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
+    if not any(folder.glob("*.safetensors")):
         raise UsageError(f"{folder}: no .safetensors weights to load")
-    weights: dict[str, torch.Tensor] = {}
-    for file in files:
-        weights.update(load_file(file))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    untied = [name for name in missing if not any(params.get(name) is params.get(other) for other in weights)]
-    if untied or unexpected:
-        raise UsageError(f"{folder}: weights do not match the model (missing {untied[:3]}, unexpected {unexpected[:3]})")
+    # named_parameters() lists a tied parameter once, under the name the checkpoint keeps.
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    state.update({name: b for name, b in model.named_buffers() if name in model.state_dict()})
+    reader = dcp.HuggingFaceStorageReader(str(folder))
+    stored = set(reader.read_metadata().state_dict_metadata)
+    missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state) - _tied_aliases(model))
+    if missing or unexpected:
+        raise UsageError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    with warnings.catch_warnings():  # one process: DCP says it reads everything itself, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which a tied parameter appears a second time (e.g. lm_head.weight)."""
+    every = dict(model.named_parameters(remove_duplicate=False))
+    return set(every) - {name for name, _ in model.named_parameters()}
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()

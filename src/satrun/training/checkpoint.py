@@ -1,24 +1,29 @@
-"""Checkpoints that are complete or absent: ``checkpoints/step_N/`` = model folder + training state.
+"""Checkpoints that are complete or absent: ``checkpoints/step_N/`` = model + training state.
 
-A checkpoint is written into a hidden staging folder beside its final place and renamed into
-place only when every file is on disk, so a crash (or kill -9) at any moment leaves the previous
-checkpoints untouched and at worst a stale staging folder, which the next save removes. Only
+One process (or DDP, whose ranks hold the same state) writes a Hugging Face model folder and
+``training_state.pt`` with the optimizer state in it. Under FSDP2 every rank writes its own
+shards of the weights and optimizer state into ``shards/`` (torch.distributed.checkpoint), in
+parallel, and the first rank adds ``training_state.pt`` with the rest. Either way the folder is
+written beside its place and renamed into it when complete (:func:`staged_folder`). Only
 folders named ``step_N`` holding ``training_state.pt`` count as checkpoints.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from satrun.errors import UsageError
+from satrun.training import distributed
+from satrun.training.saving import staged_folder
+
 STATE_FILE = "training_state.pt"
+SHARDS = "shards"
 _STEP = re.compile(r"^step_(\d+)$")
 
 
@@ -31,33 +36,54 @@ def checkpoints_in(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    folder: Path, step: int, write_model: Optional[Callable[[Path], Any]], state: dict[str, Any], keep: int
+    folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+    write_model: Optional[Callable[[Path], Any]], keep: int,
 ) -> Path:
-    """Write ``folder/step_{step}`` atomically, then keep only the newest ``keep`` checkpoints."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".step_*.tmp-*"):  # left by a crash during an earlier save
-        shutil.rmtree(stale, ignore_errors=True)
+    """Write ``folder/step_{step}`` atomically (every rank calls it), then keep only the newest
+    ``keep`` checkpoints. ``state``: the loop's own state (the first rank's is written);
+    ``write_model(folder)`` writes the model folder where the weights are not sharded."""
     target = folder / f"step_{step}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
-    try:
-        if write_model is not None:
-            write_model(staging)
-        torch.save(state, staging / STATE_FILE)
-        _sync_folder(staging)
-        if target.exists():  # out of the way by a rename: a checkpoint is never half-deleted
-            target.rename(staging.with_name(f"{staging.name}-old"))
-        staging.rename(target)
-        _sync_folder(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(staging.with_name(f"{staging.name}-old"), ignore_errors=True)
-    for old in checkpoints_in(folder)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    main = distributed.current().main
+    with staged_folder(target) as staging:
+        if distributed.is_sharded(model):
+            distributed.save_sharded(model, optimizer, staging / SHARDS)
+            state = {**state, "ranks": distributed.current().size}
+        else:
+            state = {**state, "optimizer": optimizer.state_dict()}
+            if main and write_model is not None:
+                write_model(staging)
+        if main:
+            torch.save(state, staging / STATE_FILE)
+    if main:
+        for old in checkpoints_in(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    """A checkpoint's training state; ``sharded`` tells whether its weights are FSDP2 shards."""
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    state["sharded"] = (checkpoint / SHARDS).is_dir()
+    state["folder"] = str(checkpoint)
+    return state
+
+
+def check_resumable(state: dict[str, Any], ranks: int, sharded: bool) -> None:
+    """A sharded checkpoint continues only on as many FSDP2 ranks as wrote it."""
+    if state["sharded"] and (not sharded or state.get("ranks") != ranks):
+        raise UsageError(
+            f"resume={state['folder']}: written by {state.get('ranks')} FSDP2 ranks; resume it with "
+            f"{state.get('ranks')} ranks and trainer.strategy=fsdp (this run: {ranks} rank(s)"
+            f"{', fsdp' if sharded else ''})"
+        )
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Weights (sharded checkpoints; otherwise the caller loaded them) and optimizer state."""
+    if state["sharded"]:
+        distributed.load_sharded(model, optimizer, Path(state["folder"]) / SHARDS)
+    else:
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,14 +99,3 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _sync_folder(folder: Path) -> None:
-    """Flush the folder's files and entries to disk, so a rename never exposes unwritten data."""
-    for path in [*folder.iterdir(), folder]:
-        if path.is_file() or path == folder:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,32 +77,81 @@ def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, 
     return module
 
 
+def sharded_start(strategy: str, world: World) -> bool:
+    """Whether the model is built without weights (meta device) and filled shard by shard
+    after wrapping: FSDP2 over several ranks, so that no rank ever holds the whole model."""
+    return world.size > 1 and strategy == "fsdp"
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Under FSDP2, the unsharded weights on CPU (a collective: every rank calls it); else None."""
-    if not is_sharded(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def materialize(model: torch.nn.Module, device: torch.device, fill: Optional[Callable[[torch.nn.Module], None]]) -> None:
+    """After wrapping: parameters still on the meta device get real storage on ``device`` (under
+    FSDP2 only this rank's shard), then ``fill(model)`` gives them their values."""
+    if any(p.is_meta for p in model.parameters()):
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # computed, not loaded
+        model.to_empty(device=device)
+        if not is_sharded(model) and hasattr(model, "tie_weights"):
+            model.tie_weights()  # to_empty gives every module a new parameter (FSDP2 keeps its ties)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    if fill is not None:
+        fill(model)
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def broadcast_weights(model: torch.nn.Module, full_state: Optional[dict[str, torch.Tensor]]) -> None:
+    """Fill each rank's shards from the first rank's whole weights (``full_state``, None
+    elsewhere): the start-up for a model that exists only in memory (random initialisation)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, full_state if full_state is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state as one process would hold it (under FSDP2 gathered: a collective)."""
-    if not is_sharded(model):
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Every rank writes its shards of the weights and optimizer state into ``folder`` (one
+    torch.distributed.checkpoint, in parallel; the folder must be the same on every rank)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+
+def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """The inverse of :func:`save_sharded`: each rank reads its own shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def save_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
+    """The weights as a plain Hugging Face safetensors folder: every rank writes its shards,
+    then the first rank joins them into whole tensors, one tensor in memory at a time
+    (torch.distributed.checkpoint's Hugging Face writer)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
+    dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True,
+                                                                 enable_consolidation=True))
+    barrier()
+    if current().main:
+        shutil.rmtree(folder / "sharded", ignore_errors=True)
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """The inverse of :func:`optimizer_state`: under FSDP2 each rank keeps its shard of it."""
+    """An optimizer state saved by one process (or DDP's first rank); under FSDP2 each rank keeps its shard."""
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return

@@ -25,7 +25,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the decay schedule."""
+    """Learning rate for optimizer step ``step`` (0-based): linear warm-up, then the decay schedule.
+
+    Warm-up: ``lr * (step + 1) / warmup_steps``, so the first step trains and step
+    ``warmup_steps - 1`` is at ``lr``. Decay (cosine, linear) from ``lr`` at step ``warmup_steps``
+    to ``lr * min_lr_ratio`` at the last step, ``max_steps - 1``, and after it; this part is
+    transformers' WSD decay (``get_wsd_schedule`` without a stable phase). A pure function of the
+    step: resuming needs no scheduler state. Why not a transformers schedule: docs/design.md.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

@@ -1,14 +1,15 @@
-"""Device, precision and seeding: the few places where CPU and CUDA differ."""
+"""Device and precision: the few places where CPU and CUDA differ.
+
+Seeding is ``transformers.set_seed`` (Python, NumPy and torch on every device).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import platform
-import random
 import sys
 
-import numpy as np
 import torch
 
 from satrun.errors import UsageError
@@ -61,12 +62,6 @@ def keep_freed_host_memory() -> bool:
     # switched off instead (every block then comes from the heap, which is never trimmed).
     no_fresh_maps = bool(mallopt(m_mmap_threshold, 1 << 30)) or bool(mallopt(m_mmap_max, 0))
     return bool(mallopt(m_trim_threshold, 1 << 30)) and no_fresh_maps
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def synchronize(device: torch.device) -> None:

@@ -114,38 +114,45 @@ def train(
     optim: OptimConfig,
     run_dir: Path,
     display: Display,
-    save_model: Optional[Callable[[Path, Optional[dict]], Any]] = None,
+    save_model: Optional[Callable[[Path], Any]] = None,
     hooks: Sequence[StepHook] = (),
     resume: Optional[dict[str, Any]] = None,
     logger: Optional[Logger] = None,
+    fill: Optional[Callable[[torch.nn.Module], None]] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
-    Every ``trainer.save_every`` steps, and when SIGINT or SIGTERM arrives, a checkpoint goes to
-    ``run_dir/checkpoints/step_N``: ``save_model(folder, weights)`` writes the model into it
-    (``weights``: gathered from FSDP2 shards, else None for the model's own), the loop adds
-    its own state (the final model is the caller's to save). ``resume`` is such a checkpoint's
-    training state (the caller has loaded its weights): the run continues exactly where it
-    stopped. Each hook is called before every step with the step number; the fields it returns
-    go into the train records, and a ``stage`` field groups the steps for the per-stage report.
-    Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
+    ``fill(model)`` is called once the model is wrapped for its strategy: it gives the
+    parameters their values where the caller built them empty (on the meta device, for an FSDP2
+    start in which each rank fills only its shards). Every ``trainer.save_every`` steps, and
+    when SIGINT or SIGTERM arrives, a checkpoint goes to ``run_dir/checkpoints/step_N``:
+    ``save_model(folder)`` writes the (unsharded) model into it, the loop adds its own state
+    (the final model is the caller's to save). ``resume`` is such a checkpoint's training state
+    (:func:`checkpoint.load_state`; the caller has loaded unsharded weights): the run continues
+    exactly where it stopped. Each hook is called before every step with the step number; the
+    fields it returns go into the train records, and a ``stage`` field groups the steps for the
+    per-stage report. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
     amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
-    model.to(device).train()
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
+    model.train()
     if trainer.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)
     blocks = list(getattr(getattr(model, "model", model), "layers", []))
     objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device)
+    distributed.materialize(model, device, fill)
     optimizer = build_optimizer(model, optim)
-    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size)
+    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
+                         pin_memory=device.type == "cuda")  # pinned: the non_blocking copies in _to are asynchronous
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
     state = RunState()
     if logger is None:
         logger = JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
     if resume is not None:
-        distributed.load_optimizer_state(model, optimizer, resume["optimizer"])
+        checkpoint.restore(model, optimizer, resume)
         stream.load_state_dict(resume["data"])
         state = RunState(**resume["run"])
         checkpoint.restore_rng(resume["rng"])
@@ -181,17 +188,10 @@ def train(
     def save_checkpoint() -> Path:
         if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             log_interval()
-        folder = run_dir / "checkpoints" / f"step_{state.step}"
-        weights = distributed.full_state_dict(model)  # FSDP2: gathered (every rank takes part)
-        optimizer_state = distributed.optimizer_state(model, optimizer)
-        if world.main:  # under DDP every rank holds the same weights and optimizer state
-            training_state = {"run": asdict(state), "optimizer": optimizer_state,
-                              "data": stream.state_dict(), "rng": checkpoint.rng_state()}
-            write = (lambda out: save_model(out, weights)) if save_model else None
-            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, write, training_state,
-                                                trainer.keep_checkpoints)
-            display.message(f"checkpoint: {folder}")
-        distributed.barrier()
+        training_state = {"run": asdict(state), "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+        folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, model, optimizer, training_state,
+                                            save_model, trainer.keep_checkpoints)
+        display.message(f"checkpoint: {folder}")
         last_checkpoint[0] = folder
         return folder
 
