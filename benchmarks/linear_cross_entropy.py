@@ -104,34 +104,10 @@ def check(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> list[dict]
     return rows
 
 
-class _CountingCustomOps(memory.TensorMemory):
-    """``TensorMemory`` that also counts what a ``torch.library`` custom op allocates inside.
-
-    A dispatch mode sees a custom op (torch's chunked cross-entropy is one) as a single op and
-    runs its Python body with the mode switched off, so the op's scratch buffers (the chunk's
-    logits) would go uncounted; here the body runs with the mode on, op by op.
-    """
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        from torch._library.custom_ops import OPDEFS  # private, like the mode machinery itself
-
-        opdef = OPDEFS.get(func._schema.name)
-        if opdef is None:
-            return super().__torch_dispatch__(func, types, args, kwargs)
-        with self:
-            out = opdef._init_fn(*args, **(kwargs or {}))
-        self.track(torch.utils._pytree.tree_leaves(out))
-        return out
-
-
 def peak(loss: Loss, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> int:
     """Peak tensor bytes of one forward + backward, the inputs included (not their old gradients)."""
     h.grad = w.grad = None
-    saved, memory.TensorMemory = memory.TensorMemory, _CountingCustomOps
-    try:
-        return memory.peak_bytes(lambda: _step(loss, h, w, targets), CPU, [h, w, targets])
-    finally:
-        memory.TensorMemory = saved
+    return memory.peak_bytes(lambda: _step(loss, h, w, targets), CPU, [h, w, targets])
 
 
 def time_all(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, repeats: int) -> dict[str, list[float]]:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from satrun.errors import UsageError
-from satrun.perf.settings import BenchConfig, ProbeConfig
+from satrun.perf.settings import BenchConfig, PlanConfig, ProbeConfig
 from satrun.sat import schedule
 from satrun.sat.importance import METRICS
 from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
@@ -136,6 +136,7 @@ class TrainConfig:
     metric: MetricConfig = field(default_factory=MetricConfig)
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -222,6 +223,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
     if cfg.selector.align < 1 or cfg.metric.token_stride < 1:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
+    if cfg.plan.ranks < 1:
+        raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
     if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):
         raise UsageError("bench.steps and bench.repeats must be at least 1 and bench.rates in (0, 1)")
     p = cfg.probe

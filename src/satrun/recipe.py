@@ -187,7 +187,9 @@ def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | Non
 def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
     """Seeded tokenizer, model (CPU, fp32; ``empty``: parameters on the meta device, to be
     filled later) and data, after the checks that need no data."""
-    if runtime.resolve_device(cfg.trainer.device).type == "cpu":  # also fails on a bad device before loading
+    # also fails on a bad device before loading; several CPU ranks keep glibc's default: there
+    # each thread's arena retains its freed memory and an FSDP2 rank grows by half (fsdp_memory.py)
+    if runtime.resolve_device(cfg.trainer.device).type == "cpu" and distributed.current().size == 1:
         if not runtime.keep_freed_host_memory():
             logging.getLogger("satrun").info("host allocator not tuned (needs glibc): CPU steps may fault their memory in afresh")
     set_seed(cfg.trainer.seed)
@@ -208,7 +210,7 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
     try:
         plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
-                          precision, cfg.selector.align, cfg.scheduler.layers)
+                          precision, cfg.selector.align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy)
     except ScheduleError as exc:
         raise UsageError(str(exc)) from exc
     out = run_dir / "plan.json"

@@ -18,6 +18,21 @@ def test_plan_llama2_7b_without_weights(satrun, tmp_path: Path) -> None:
     assert "ideal speed-up" in result.stdout
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_plan_counts_memory_per_rank(satrun, tmp_path: Path, strategy: str) -> None:
+    """FSDP2 divides weights, gradients and AdamW state by the ranks and adds what it gathers."""
+    result = satrun("plan", "model=llama2-13b", f"trainer.strategy={strategy}", "plan.ranks=8", "hydra.run.dir=plan")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    n, per_rank = plan["parameters"], plan["memory_per_rank_bytes"]
+    shards = 8 if strategy == "fsdp" else 1
+    assert (per_rank["weights"], per_rank["optimizer"]) == (4 * n / shards, 8 * n / shards)
+    assert per_rank["host_start_up"] == 4 * n / shards
+    gathered_layers = per_rank["gathered"] / 2 / (13.0e9 / 40)  # bf16, in units of one decoder layer
+    assert (2 < gathered_layers < 10) if strategy == "fsdp" else per_rank["gathered"] == 0
+    assert "memory per rank: 8 rank(s)" in result.stdout
+
+
 def test_plan_of_the_default_ladder_weights_stages_by_steps(satrun, tmp_path: Path) -> None:
     result = satrun("plan", "trainer.max_steps=100", "~calibration", "hydra.run.dir=plan")  # the paper's ladder
     assert result.returncode == 0, result.stderr

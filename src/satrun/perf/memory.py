@@ -47,7 +47,14 @@ class TensorMemory(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        from torch._library.custom_ops import OPDEFS  # private, like the mode machinery itself
+
+        opdef = OPDEFS.get(func._schema.name)
+        if opdef is None:
+            out = func(*args, **(kwargs or {}))
+        else:  # a torch.library custom op (e.g. linear_cross_entropy): count its body op by op,
+            with self:  # which the mode would otherwise run switched off, missing its buffers
+                out = opdef._init_fn(*args, **(kwargs or {}))
         self.track(tree_leaves(out))
         return out
 

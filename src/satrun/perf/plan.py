@@ -41,10 +41,8 @@ def shape_of(model_cfg: Any) -> Shape:
 
 def parameters(shape: Shape) -> int:
     """Trainable parameters; a tied LM head is the input embedding, counted once."""
-    h, d = shape.hidden, shape.head_dim
-    per_layer = h * shape.heads * d * 2 + h * shape.kv_heads * d * 2 + 3 * h * shape.intermediate + 2 * h
-    embeddings = shape.vocab * h * (1 if shape.tied else 2)
-    return shape.layers * per_layer + embeddings + h
+    embeddings = shape.vocab * shape.hidden * (1 if shape.tied else 2)
+    return shape.layers * layer_parameters(shape) + embeddings + shape.hidden
 
 
 def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float = 1.0, head_keep: float = 1.0) -> float:
@@ -59,12 +57,35 @@ def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float 
     return tokens * (shape.layers * per_layer * act_bytes + 2 * 4 * shape.vocab)
 
 
+def layer_parameters(shape: Shape) -> int:
+    """Parameters of one decoder layer."""
+    h, d = shape.hidden, shape.head_dim
+    return h * shape.heads * d * 2 + h * shape.kv_heads * d * 2 + 3 * h * shape.intermediate + 2 * h
+
+
+def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int) -> dict[str, float]:
+    """Bytes each rank holds for the model (fp32 weights, gradients, AdamW's two moments) and,
+    under FSDP2, the whole parameters it gathers for a moment: two decoder layers (the one
+    computing and the next, prefetched) and the root group (embeddings, final norm, head), in
+    the compute dtype, plus one layer's whole gradients before they are reduce-scattered.
+    ``host_start_up``: host memory of the weights while the model is built (FSDP2 starts from
+    the meta device and reads only its shards; otherwise each rank loads the whole model)."""
+    n = parameters(shape)
+    shards = ranks if strategy == "fsdp" and ranks > 1 else 1
+    layer = layer_parameters(shape)
+    root = n - shape.layers * layer
+    gathered = (2 * layer + root) * compute_bytes + layer * compute_bytes if shards > 1 else 0.0
+    own = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards, "gathered": gathered}
+    return {**own, "model_total": sum(own.values()), "host_start_up": 4 * n / shards}
+
+
 def build_plan(
     shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str, align: int = 1,
-    layers: Optional[Sequence[int]] = None,
+    layers: Optional[Sequence[int]] = None, ranks: int = 1, strategy: str = "auto",
 ) -> dict[str, Any]:
-    """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate. ``align``
-    and ``layers`` are the selector's rounding and the sparsified layers, as in training."""
+    """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate per rank.
+    ``align`` and ``layers`` are the selector's rounding and the sparsified layers, as in
+    training; ``ranks`` and ``strategy`` the data parallelism (fsdp shards the model state)."""
     dense = token_flops(shape, seq_len)
     rows = []
     for stage in stages:
@@ -89,6 +110,9 @@ def build_plan(
         "stages": rows,
         "run_ideal_speedup": total_steps / sat_time if sat_time else 1.0,
         "run_flop_fraction": sat_time / total_steps if total_steps else 1.0,  # SAT's training FLOPs over dense's
+        "ranks": ranks,
+        "strategy": strategy,
+        "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act),
         "memory_bytes": {
             "weights": 4 * n_params,
             "gradients": 4 * n_params,
@@ -138,3 +162,12 @@ def print_plan(plan: dict[str, Any]) -> None:
     for key in ("weights", "gradients", "optimizer", "activations_dense", "activations_first_stage"):
         memory.add_row(key.replace("_", " "), f"{mem[key] / gib:.2f}")
     console.print(memory)
+    per_rank = plan["memory_per_rank_bytes"]
+    ranks = Table(title=f"memory per rank: {plan['ranks']} rank(s), strategy {plan['strategy']} (plan.ranks, trainer.strategy)")
+    ranks.add_column("what")
+    ranks.add_column("GiB", justify="right")
+    for key in ("weights", "gradients", "optimizer", "gathered", "model_total", "host_start_up"):
+        ranks.add_row(key.replace("_", " "), f"{per_rank[key] / gib:.2f}")
+    ranks.add_row("+ activations (first stage .. dense)",
+                  f"{mem['activations_first_stage'] / gib:.2f} .. {mem['activations_dense'] / gib:.2f}")
+    console.print(ranks)

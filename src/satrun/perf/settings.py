@@ -1,9 +1,14 @@
-"""Settings of `satrun bench` and `satrun probe`."""
+"""Settings of `satrun plan`, `satrun bench` and `satrun probe`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+
+@dataclass
+class PlanConfig:
+    ranks: int = 1  # data-parallel ranks of the planned run (all nodes); memory per rank follows trainer.strategy
 
 
 @dataclass

@@ -58,9 +58,11 @@ def device_of(world: World, device: torch.device) -> torch.device:
 
 
 def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, world: World,
-         device: torch.device) -> torch.nn.Module:
+         device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """``module`` as the strategy trains it: as is (one process), DDP, or FSDP2 (each of
-    ``blocks`` sharded on its own, then the rest)."""
+    ``blocks`` sharded on its own, then the rest). Under FSDP2 with a 16-bit ``dtype`` the
+    gathered parameters are cast to it for compute (FSDP2's MixedPrecisionPolicy) while the
+    sharded fp32 parameters stay the optimizer's master copy, and gradients are reduced in fp32."""
     if strategy not in STRATEGIES:
         raise UsageError(f"trainer.strategy={strategy!r} is not one of: {', '.join(STRATEGIES)}")
     if world.size == 1 or strategy == "single":
@@ -69,11 +71,12 @@ def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, 
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
     for block in blocks:
-        fully_shard(block)
-    fully_shard(module)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
     return module
 
 

@@ -135,14 +135,15 @@ def train(
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
-    amp = runtime.autocast(device, runtime.resolve_precision(trainer.precision, device))
+    dtype = runtime.resolve_precision(trainer.precision, device)
+    amp = runtime.autocast(device, dtype)
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)
     model.train()
     if trainer.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)
     blocks = list(getattr(getattr(model, "model", model), "layers", []))
-    objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device)
+    objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device, dtype)
     distributed.materialize(model, device, fill)
     optimizer = build_optimizer(model, optim)
     stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
