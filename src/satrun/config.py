@@ -207,6 +207,8 @@ def validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise UsageError(f"{key} must be non-negative, got {value}")
+    if not 0 <= t.seed < 2**32:  # transformers.set_seed seeds NumPy, which takes no other seed
+        raise UsageError(f"trainer.seed must be in [0, 2**32), got {t.seed}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
         raise UsageError(f"optim.betas must be two values in [0, 1), got {list(o.betas)}")
     if o.lr <= 0:

@@ -153,3 +153,19 @@ def test_launcher_torchrun_ranks_save_and_exit_on_a_signal(tmp_path: Path, how: 
         assert proc.returncode == 143, stderr[-2000:]
     assert "resume=" in stderr.strip().splitlines()[-1]
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1
+
+
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_masters(tmp_path: Path) -> None:
+    """FSDP2's MixedPrecisionPolicy: bf16 compute close to one bf16-autocast process, weights fp32."""
+    args = [*RUN, "scheduler=dense", "trainer.precision=bf16", "trainer.max_steps=2"]
+    one = run_satrun(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun([*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "hydra.run.dir=two"], tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = [[r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+              for run in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2) and losses[0] != losses[1]  # bf16 weights, not fp32
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    assert {p.dtype for p in final.state_dict().values()} == {torch.float32}

@@ -116,6 +116,17 @@ def broadcast_weights(model: torch.nn.Module, full_state: Optional[dict[str, tor
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Put every FSDP2 module in ``module`` back to its sharded parameters: after a forward
+    without backward (evaluation) the root keeps its gathered (under bf16: cast) parameters,
+    which a checkpoint or the final weights would otherwise take for the model's own."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Every rank writes its shards of the weights and optimizer state into ``folder`` (one
     torch.distributed.checkpoint, in parallel; the folder must be the same on every rank)."""

@@ -76,6 +76,7 @@ def evaluate(objective: Callable[[Batch, float], torch.Tensor], batches: Sequenc
             total += float(objective(batch, 1))
         count += n
     objective.train()
+    distributed.reshard(objective)
     return total / max(1, count)
 
 
