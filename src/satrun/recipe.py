@@ -23,6 +23,7 @@ from satrun.perf.flops import Shape, ideal_speedup
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
+from satrun.sat.schedule import fitting_rungs
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
@@ -62,6 +63,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
     sparsity = _sparsity(cfg, model)
     display.message(_describe(cfg, sparsity))
+    if cfg.optim.warmup_steps > cfg.trainer.max_steps:
+        display.message(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
+                        f"(trainer.max_steps={cfg.trainer.max_steps}): the learning rate never reaches optim.lr")
     keep_through = resume["run"]["step"] if resume else None
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
 
@@ -352,4 +356,9 @@ def _describe(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:
     if sparsity.sparsifier is None:
         return "SAT off: dense training (scheduler=dense)"
     plan = ", ".join(f"{s.name} {s.steps} steps @ {s.mlp_rate:.2f}/{s.attn_rate:.2f}" for s in sparsity.stages)
-    return f"SAT: metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"
+    text = f"SAT: metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"
+    rungs = fitting_rungs(cfg.scheduler, cfg.trainer.max_steps)
+    if cfg.scheduler.name == "ladder" and rungs < cfg.scheduler.ladder_steps:
+        text += (f" (scheduler.ladder_steps={cfg.scheduler.ladder_steps}: {rungs} rung(s) fit in "
+                 f"trainer.max_steps={cfg.trainer.max_steps})")
+    return text

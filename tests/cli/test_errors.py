@@ -35,7 +35,6 @@ CASES = {
     "ladder parts exceed the run": (
         lambda d: ["scheduler.sparse_fraction=0.8", "scheduler.dense_fraction=0.5"], "exceeds the run"
     ),
-    "ladder rungs do not fit": (lambda d: ["trainer.max_steps=6"], "does not fit"),
     "unknown metric": (lambda d: ["metric.name=entropy"], "metric.name"),
     "sparsified layer out of range": (lambda d: ["scheduler.layers=[0,7]"], "scheduler.layers"),
 }

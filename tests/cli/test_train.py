@@ -65,6 +65,17 @@ def test_cpt_run_writes_complete_run_folder(satrun, tmp_path: Path) -> None:
     assert not list(run.glob(".final.tmp-*"))
 
 
+def test_a_five_step_run_takes_the_ladder_rungs_that_fit(satrun, tmp_path: Path) -> None:
+    """The natural smoke test: a ladder that does not fit uses the rungs that do, and says so."""
+    result = satrun("train", *TINY, "trainer.max_steps=5", "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr
+    said = result.stdout + result.stderr
+    assert "scheduler.ladder_steps=4: 3 rung(s) fit in trainer.max_steps=5" in said
+    assert "optim.warmup_steps=10 is longer than the run" in said
+    summary = check_run_folder(tmp_path / "run", steps=5)
+    assert [s["name"] for s in summary["stages"]] == ["sparse", "ladder-1", "ladder-2", "ladder-3"]
+
+
 def test_sft_run_trains_on_chatterbot(satrun, tmp_path: Path) -> None:
     result = satrun("train", *TINY, "mode=sft", "data=chatterbot", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr
@@ -99,3 +110,47 @@ def test_help_lists_groups_and_options(satrun) -> None:
     sub = satrun("train", "--help")
     assert sub.returncode == 0
     assert "satrun train" in sub.stdout and "model: " in sub.stdout and "tinyllama-1.1b" in sub.stdout
+
+
+@pytest.mark.parametrize("command, says", [("plan", "from the model's shape alone"), ("bench", "side by side"),
+                                           ("probe", "sensitivity"), ("train", "continual pre-training")])
+def test_each_command_has_its_own_help(satrun, command: str, says: str) -> None:
+    result = satrun(command, "--help")
+    assert result.returncode == 0, result.stderr
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"satrun {command}:") and says in first
+    assert f"satrun {command} " in result.stdout.split("Examples:")[1]  # its own examples
+
+
+def test_report_help_and_version(satrun) -> None:
+    report = satrun("report", "--help")
+    assert report.returncode == 0 and report.stdout.startswith("usage: satrun report PATH")
+    version = satrun("--version")
+    from importlib.metadata import version as installed
+
+    assert version.returncode == 0 and version.stdout.startswith(f"satrun {installed('satrun')} (torch ")
+
+
+def test_train_help_lists_every_key_with_a_description(satrun) -> None:
+    from satrun.cli.configs import keys
+    from satrun.config import TrainConfig
+
+    result = satrun("train", "model=tiny", "--help")
+    assert result.returncode == 0, result.stderr
+    listed = {line.split("=", 1)[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  ") and "=" in line}
+    for key, description in keys(TrainConfig):
+        assert description, f"{key} has no description (end its line in the dataclass with a comment)"
+        assert key in listed and description[:30] in listed[key], key
+    assert listed["model.source"].split()[0] == "model.source=random"  # values as composed
+
+
+def test_every_key_is_settable_without_plus(satrun) -> None:
+    """The dataclasses are Hydra's schema: keys a group's file does not name still exist."""
+    result = satrun("train", "data=jsonl", "data.path=x.jsonl", "data.eval_fraction=0.1", "data.max_examples=5",
+                    "data.skip_invalid=true", "model.source=pretrained", "model.path=/models/x", "model.tokenizer=t",
+                    "scheduler=constant", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    for text in ("eval_fraction: 0.1", "max_examples: 5", "skip_invalid: true", "path: /models/x", "tokenizer: t"):
+        assert text in result.stdout
+    wrong = satrun("train", "trainer.max_steps=many", "--cfg", "job")
+    assert wrong.returncode == 2 and "trainer.max_steps" in wrong.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from satrun.sat.schedule import ScheduleError, build_stages, stage_at
+from satrun.sat.schedule import fitting_rungs, ScheduleError, build_stages, stage_at
 from satrun.sat.settings import SchedulerConfig
 
 
@@ -54,7 +54,6 @@ def test_ladder_without_rungs_goes_straight_to_dense() -> None:
         (SchedulerConfig(name="constant", rate=-0.1), 10, "scheduler.rate"),
         (SchedulerConfig(name="ladder", attn_rate=1.5), 10, "scheduler.attn_rate"),
         (SchedulerConfig(name="ladder", sparse_fraction=0.7, dense_fraction=0.5), 10, "exceeds the run"),
-        (SchedulerConfig(name="ladder", ladder_steps=8), 10, "does not fit"),
         (SchedulerConfig(name="wavy"), 10, "scheduler.name"),
     ],
 )
@@ -86,3 +85,18 @@ def test_uniform_rate_per_layer_follows_layers() -> None:
 def test_bad_layer_scales_are_rejected(bad: dict) -> None:
     with pytest.raises(ScheduleError, match="layer_scale"):
         build_stages(SchedulerConfig(name="constant", **bad), 4)
+
+
+@pytest.mark.parametrize("max_steps", range(1, 12))
+def test_a_short_run_takes_the_rungs_that_fit(max_steps: int) -> None:
+    """The paper's ladder (4 rungs after half the run, 10% dense) in runs of 1 to 11 steps."""
+    cfg = SchedulerConfig(name="ladder", rate=0.5, attn_rate=0.0, sparse_fraction=0.5, ladder_steps=4, dense_fraction=0.1)
+    stages = build_stages(cfg, max_steps)
+    assert stages[0].start == 0 and stages[-1].end == max_steps
+    assert all(a.end == b.start and b.steps > 0 for a, b in zip(stages, stages[1:]))
+    rungs = [s for s in stages if s.name.startswith("ladder-")]
+    assert len(rungs) == fitting_rungs(cfg, max_steps) == min(4, max_steps - round(0.1 * max_steps) - round(0.5 * max_steps))
+    rates = [s.mlp_rate for s in stages]
+    assert rates == sorted(rates, reverse=True)  # the rate only falls
+    if rungs:
+        assert rungs[-1].mlp_rate == pytest.approx(0.5 / (len(rungs) + 1))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from satrun.cli.configs import GROUPS, config_dir, group_options
+from satrun.cli.configs import GROUPS, config_dir, group_options, keys_help, store_schema
 
 USAGE_EXIT = 2
 
@@ -39,10 +39,44 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("run_probe")),
 }
 RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes"}
+# Each command's --help: (what it does, examples); the keys listed below them are train's, all of
+# which the command reads (conf/train.yaml's hydra.help resolves ${satrun_help:...} from here).
+HELP = {
+    "train": ("continual pre-training (mode=cpt) or supervised fine-tuning (mode=sft) of a Hugging Face "
+              "causal LM, with SAT's sparse steps as scheduled. Writes metrics.jsonl, checkpoints/, final/ "
+              "and summary.json into the run folder.",
+              ["satrun train model=tiny trainer.max_steps=20", "satrun train mode=sft data=chatterbot trainer.max_steps=200",
+               "satrun train model=llama2-7b model.path=/models/Llama-2-7b-hf", "satrun train -m optim.lr=1e-4,3e-4"]),
+    "plan": ("FLOPs per token, SAT's ideal speed-up per stage and over the run, and memory (per rank: "
+             "plan.ranks, trainer.strategy) of a training configuration, from the model's shape alone: no "
+             "weights, no data. Writes plan.json (default folder outputs/plans/<time>).",
+             ["satrun plan model=llama2-7b trainer.seq_len=2048",
+              "satrun plan model=llama2-13b trainer.strategy=fsdp plan.ranks=8"]),
+    "bench": ("times plain, dense and SAT training steps side by side on real batches of the configured "
+              "model and data (bench.rates, bench.steps, bench.repeats); writes bench.json and bench.png "
+              "(default folder outputs/bench/<time>).",
+              ["satrun bench bench.rates=[0.3,0.5]", "satrun bench model=tiny trainer.device=cpu"]),
+    "probe": ("forward passes only: the sub-network loss per metric and uniform rate (probe.metrics, "
+              "probe.rates), each layer's sensitivity, and with probe.target_speedup calibrated per-layer "
+              "rates; writes probe.json, probe.png and conf/calibration/calibrated.yaml (default folder "
+              "outputs/probes/<time>).",
+              ["satrun probe", "satrun probe probe.target_speedup=1.3"]),
+}
+REPORT_USAGE = "usage: satrun report PATH... [--out DIR] (run folders or sweep folders)"
+REPORT_HELP = f"""{REPORT_USAGE}
+
+satrun report: a summary CSV (report.csv), loss curves (loss.png) and a tokens/s plot
+(throughput.png) of finished runs, and a table on the terminal. PATH is a run folder or a
+sweep folder (its jobs are found); the files go to --out, or to PATH when there is one.
+
+examples:
+  satrun report outputs/sweeps/2026-01-01_12-00-00-000000
+  satrun report outputs/runs/a outputs/runs/b --out comparison"""
 
 
 def _help() -> str:
-    lines = ["usage: satrun <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--help]", "", "commands:"]
+    lines = ["usage: satrun <command> [key=value ...] [group=option ...] [-m] [--cfg job] [--help]",
+             "       satrun --version", "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (text, _) in COMMANDS.items()]
     lines += ["  report   summary CSV, loss curves and tokens/s plots of run or sweep folders (satrun report PATH...)"]
     lines += ["", "config groups (choose with group=option):"]
@@ -52,6 +86,20 @@ def _help() -> str:
               "  satrun plan model=llama2-7b trainer.seq_len=2048", "  satrun bench bench.rates=[0.3,0.5]",
               "  satrun probe probe.target_speedup=1.3"]
     return "\n".join(lines)
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return f"satrun {version('satrun')} (torch {version('torch')}, transformers {version('transformers')})"
+
+
+def _command_help(name: str, part: str) -> str:
+    """Resolver of conf/train.yaml's help texts: the running command's header or footer."""
+    text, examples = HELP[name]
+    if part == "header":
+        return f"satrun {name}: {text}\nOverride with key=value, choose with group=option, sweep with -m."
+    return "Examples:\n" + "\n".join(f"  {e}" for e in examples)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -106,8 +154,13 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args = _one_run_folder_for_all_ranks(name, args)
     elif name in RUN_DIRS and not any(a.startswith("hydra.run.dir=") for a in args):
-        args = [*args, f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"]
+        args = [f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}", *args]  # before any --flag
     sys.argv = [f"satrun {name}", *args]
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("satrun_help", lambda part: _command_help(name, part), replace=True)
+    OmegaConf.register_new_resolver("satrun_keys", lambda *, _root_: keys_help(_root_), replace=True)
+    store_schema()
     hydra.main(config_path=str(config_dir()), config_name="train", version_base="1.3")(job)()
     if interrupted:
         raise interrupted[0]
@@ -138,9 +191,9 @@ def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
     if not any(a.startswith("hydra.run.dir=") for a in args):
         stamp = [datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")]  # the format of Hydra's own run folders
         dist.broadcast_object_list(stamp, src=0)
-        args = [*args, f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}"]
+        args = [f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}", *args]
     if not world.main:
-        args = [*args, "hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+        args = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled", *args]
     return args
 
 
@@ -155,8 +208,11 @@ def _report(args: list[str]) -> int:
         if at + 1 >= len(args):
             raise UsageError("--out needs a folder")
         out, args = Path(args[at + 1]), args[:at] + args[at + 2 :]
+    if any(a in ("-h", "--help") for a in args):
+        print(REPORT_HELP)
+        return 0
     if not args or any(a.startswith("-") for a in args):
-        raise UsageError("usage: satrun report PATH... [--out DIR] (run folders or sweep folders)")
+        raise UsageError(REPORT_USAGE)
     paths = [Path(a) for a in args]
     rows, files = write_report(find_runs(paths), out or (paths[0] if len(paths) == 1 else Path(".")))
     print_report(rows)
@@ -168,6 +224,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help", "help"):
         print(_help())
+        return 0
+    if args[0] in ("-V", "--version"):
+        print(_version())
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS and command != "report":
@@ -207,6 +266,9 @@ def _quiet_libraries() -> None:
 def entry() -> None:
     try:
         code = main()
+    except BrokenPipeError:  # output piped into a reader that stopped early (e.g. head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     finally:
         import torch.distributed as dist
 

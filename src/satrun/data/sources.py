@@ -10,8 +10,9 @@ from __future__ import annotations
 import glob
 import importlib.util
 import json
+import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import datasets
 
@@ -35,7 +36,8 @@ def load_raw(cfg: DataConfig, mode: str) -> datasets.Dataset:
             raise UsageError("data=chatterbot holds prompt/response pairs for mode=sft")
         ds = datasets.Dataset.from_generator(_chatterbot_chats)
     else:
-        ds = _load_user_data(cfg)
+        ds, places = _load_user_data(cfg, mode)
+        ds = _valid_rows(ds, cfg, mode, places)
         ds = _to_text(ds, cfg) if mode == "cpt" else _to_messages(ds, cfg)
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
@@ -90,20 +92,21 @@ def _files(cfg: DataConfig) -> list[str]:
     return files
 
 
-def _load_user_data(cfg: DataConfig) -> datasets.Dataset:
+def _load_user_data(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, Optional[list[str]]]:
+    """The user's rows, and for JSON lines each row's ``file:line`` (the records' problems, if
+    any, are then already known by line: see :func:`check_jsonl`)."""
     try:
         if cfg.format == "hub":
-            return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split)
+            return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split), None
         files = _files(cfg)
         if all(Path(f).stat().st_size == 0 for f in files):
             raise UsageError(f"data={cfg.name} is empty ({cfg.path})")
         if cfg.format == "text":
-            return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train")
+            return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train"), None
         if cfg.format == "jsonl":
-            for f in files:
-                check_jsonl(f)
-            return datasets.load_dataset("json", data_files=files, split="train")
-        return datasets.load_dataset("parquet", data_files=files, split="train")
+            places = [place for f in files for place in check_jsonl(f, cfg, mode)]
+            return datasets.load_dataset("json", data_files=files, split="train"), places
+        return datasets.load_dataset("parquet", data_files=files, split="train"), None
     except UsageError:
         raise
     except Exception as exc:  # datasets raises many types; all mean "cannot read this data"
@@ -118,8 +121,10 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_jsonl(path: str) -> None:
-    """Fail on the first line that is not a JSON object, naming file and line."""
+def check_jsonl(path: str, cfg: DataConfig, mode: str) -> list[str]:
+    """Each record's ``file:line``; fails on the first line that is not a JSON object, and on
+    the first record the mode cannot train on (unless ``data.skip_invalid``), naming its line."""
+    places = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -130,6 +135,91 @@ def check_jsonl(path: str) -> None:
                 raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
                 raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            wrong = record_problem(row, cfg, mode)
+            if wrong and not cfg.skip_invalid:
+                raise UsageError(f"{path}:{number}: {wrong} (fix the record, or skip such records with data.skip_invalid=true)")
+            places.append(f"{path}:{number}")
+    return places
+
+
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def record_problem(row: dict[str, Any], cfg: DataConfig, mode: str) -> Optional[str]:
+    """What makes one record unusable for ``mode`` (None: it is fine). Fields the data lacks
+    altogether are reported once, for the whole data set, by :func:`_require`."""
+    if mode == "cpt":
+        return _text_problem(row, cfg.text_field)
+    if cfg.messages_field:
+        return _messages_problem(row.get(cfg.messages_field), cfg.messages_field) if cfg.messages_field in row else None
+    return _text_problem(row, cfg.prompt_field) or _text_problem(row, cfg.response_field)
+
+
+def _text_problem(row: dict[str, Any], field: str) -> Optional[str]:
+    if field not in row:
+        return None
+    value = row[field]
+    if not isinstance(value, str):
+        return f"field {field!r} is {_describe(value)}, not text"
+    return None if value.strip() else f"field {field!r} is empty"
+
+
+def _messages_problem(messages: Any, field: str) -> Optional[str]:
+    """A chat is a list of {"role", "content"} turns (ShareGPT's {"from", "value"} also), with
+    one assistant turn at least and text in every turn."""
+    if not isinstance(messages, list) or not messages:
+        return f"field {field!r} is {_describe(messages)}, not a list of messages"
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict):
+            return f"{field}[{i}] is {_describe(turn)}, not a {{\"role\", \"content\"}} object"
+        role, content = _turn(turn)
+        if ROLES.get(role) is None:  # type: ignore[arg-type]
+            return f"{field}[{i}] has role {role!r}; expected one of {', '.join(ROLES)} (in \"role\" or \"from\")"
+        if not isinstance(content, str) or not content.strip():
+            return f"{field}[{i}] has content {_describe(content)}; expected text (in \"content\" or \"value\")"
+    if not any(ROLES[_turn(t)[0]] == "assistant" for t in messages):
+        return f"field {field!r} has no assistant turn to train on"
+    return None
+
+
+def _turn(turn: dict[str, Any]) -> tuple[Any, Any]:
+    """(role, content) of a turn, in either the OpenAI or the ShareGPT spelling."""
+    role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+    content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+    return role, content
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "empty" if not value.strip() else repr(value[:20])
+    return f"a {type(value).__name__}" if not isinstance(value, (int, float)) else f"the number {value}"
+
+
+def _valid_rows(ds: datasets.Dataset, cfg: DataConfig, mode: str, places: Optional[list[str]]) -> datasets.Dataset:
+    """The rows the mode can train on: an unusable row stops the run in one line naming it,
+    or with ``data.skip_invalid`` is left out, the count said in one warning."""
+    if cfg.format == "text":  # plain text: blank documents are only separators, dropped below
+        return ds
+    fields = [cfg.text_field] if mode == "cpt" else [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+    _require(ds, cfg, *fields)
+    good, first_bad = [], None
+    for i, row in enumerate(ds.select_columns(fields)):
+        wrong = record_problem(row, cfg, mode)
+        if wrong is None:
+            good.append(i)
+        elif first_bad is None:
+            first_bad = (places[i] if places else f"{cfg.path} row {i + 1}", wrong)
+    if first_bad is None:
+        return ds
+    where, wrong = first_bad
+    if not cfg.skip_invalid:
+        raise UsageError(f"{where}: {wrong} (fix the record, or skip such records with data.skip_invalid=true)")
+    logging.getLogger("satrun").warning(
+        f"warning: data={cfg.name}: skipped {len(ds) - len(good)} of {len(ds)} records that cannot be trained on "
+        f"(data.skip_invalid=true); the first: {where}: {wrong}")
+    return ds.select(good)
 
 
 def _require(ds: datasets.Dataset, cfg: DataConfig, *fields: str) -> None:
@@ -150,18 +240,15 @@ def _to_text(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
 
 
 def _to_messages(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+    """One ``messages`` column of {"role", "content"} turns (ShareGPT's from/value renamed)."""
     if cfg.messages_field:
-        _require(ds, cfg, cfg.messages_field)
-        ds = ds.select_columns([cfg.messages_field])
-        return ds.rename_column(cfg.messages_field, MESSAGES) if cfg.messages_field != MESSAGES else ds
-    _require(ds, cfg, cfg.prompt_field, cfg.response_field)
+        field = cfg.messages_field
+        return ds.map(
+            lambda row: {MESSAGES: [{"role": ROLES[_turn(t)[0]], "content": _turn(t)[1]} for t in row[field]]},
+            remove_columns=ds.column_names,
+        )
     prompt, response = cfg.prompt_field, cfg.response_field
     return ds.map(
-        lambda row: {
-            MESSAGES: [
-                {"role": "user", "content": str(row[prompt])},
-                {"role": "assistant", "content": str(row[response])},
-            ]
-        },
+        lambda row: {MESSAGES: [{"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]},
         remove_columns=ds.column_names,
     )

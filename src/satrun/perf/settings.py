@@ -13,9 +13,9 @@ class PlanConfig:
 
 @dataclass
 class BenchConfig:
-    rates: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    rates: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # omission rates timed against dense
     steps: int = 3  # steps x repeats timed steps per row, interleaved with the other rows' steps
-    repeats: int = 3
+    repeats: int = 3  # rounds of the rows
     heads: bool = True  # omit attention heads at the same rate as MLP channels
 
 
@@ -23,7 +23,7 @@ class BenchConfig:
 class ProbeConfig:
     """What `satrun probe` measures (forwards only) and, with a target, calibrates."""
 
-    metrics: list[str] = field(default_factory=lambda: ["maxip", "contrib", "wanda", "magnitude", "random"])
+    metrics: list[str] = field(default_factory=lambda: ["maxip", "contrib", "wanda", "magnitude", "random"])  # importance metrics compared
     rates: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5])  # uniform MLP rates compared
     batches: int = 2  # micro-batches of training data each loss is averaged over
     layer_rate: float = 0.5  # the rate one layer at a time omits, for its sensitivity

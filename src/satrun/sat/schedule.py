@@ -99,13 +99,8 @@ def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
         return [sparse("sparse", 0, max_steps, 1.0)]
     sparse_end = round(cfg.sparse_fraction * max_steps)
     dense_start = max_steps - round(cfg.dense_fraction * max_steps)
-    n = cfg.ladder_steps
+    n = fitting_rungs(cfg, max_steps)  # a short run takes the rungs that fit, one step each at least
     ladder_len = dense_start - sparse_end
-    if sparse_end < 1 or (n and ladder_len < n):
-        raise ScheduleError(
-            f"a ladder of {n} steps after {sparse_end} sparse steps does not fit in trainer.max_steps={max_steps}; "
-            "raise trainer.max_steps or lower scheduler.ladder_steps"
-        )
     stages = [sparse("sparse", 0, sparse_end, 1.0)]
     bounds = [sparse_end + round(i * ladder_len / n) for i in range(n + 1)] if n else [sparse_end]
     for i in range(n):
@@ -114,6 +109,13 @@ def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
     if bounds[-1] < max_steps:
         stages.append(Stage("dense", bounds[-1], max_steps, 0.0, 0.0))
     return [s for s in stages if s.steps > 0]
+
+
+def fitting_rungs(cfg: SchedulerConfig, max_steps: int) -> int:
+    """The ladder's rungs in a run of ``max_steps``: ``ladder_steps``, or as many as the steps
+    between the sparse and the dense part hold when that is fewer (each rung one step at least)."""
+    ladder_len = max_steps - round(cfg.dense_fraction * max_steps) - round(cfg.sparse_fraction * max_steps)
+    return max(0, min(cfg.ladder_steps, ladder_len))
 
 
 def stage_at(stages: list[Stage], step: int) -> Stage:

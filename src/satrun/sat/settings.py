@@ -25,7 +25,7 @@ class SelectorConfig:
     # What omitted MLP channels output: zero (the paper), or mean: their mean output over the
     # scored tokens, added to the layer's output as a constant (no gradient), which removes the
     # sub-network's systematic shortfall.
-    fill: str = "mean"
+    fill: str = "mean"  # omitted MLP channels add their mean output (mean) or nothing (zero)
 
 
 @dataclass
@@ -46,8 +46,8 @@ class SchedulerConfig:
     name: str = "ladder"  # dense | constant | ladder
     rate: float = 0.5  # omission rate of MLP channels
     attn_rate: Optional[float] = 0.0  # omission rate of attention heads; None = rate
-    sparse_fraction: float = 0.5
-    ladder_steps: int = 4
-    dense_fraction: float = 0.1
+    sparse_fraction: float = 0.5  # ladder: share of steps at the full rate
+    ladder_steps: int = 4  # ladder: rungs of falling rate (a short run takes those that fit)
+    dense_fraction: float = 0.1  # ladder: share of steps at the end trained dense
     layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all
     layer_scale: Optional[list[float]] = None  # layer l's MLP rate is rate * layer_scale[l]; None = rate everywhere
