@@ -25,3 +25,7 @@ class Interrupted(RunStopped):
 
 class NonFiniteLoss(RunStopped):
     """The loss or the gradients became NaN or infinite more often than allowed."""
+
+
+class DiskFull(RunStopped):
+    """A checkpoint or model folder could not be written: the disk (or quota) is full."""

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from satrun.config import TrainConfig
 from satrun.data import BatchStream, Corpus, build_corpus
-from satrun.errors import RunStopped, UsageError
+from satrun.errors import DiskFull, RunStopped, UsageError
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf import probe
@@ -82,7 +82,12 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    save_hf_folder(model, tokenizer, run_dir / "final")  # FSDP2: every rank writes its shards
+    try:
+        save_hf_folder(model, tokenizer, run_dir / "final")  # FSDP2: every rank writes its shards
+    except DiskFull as exc:
+        found = checkpoint.checkpoints_in(run_dir / "checkpoints")
+        raise DiskFull(f"{exc}; final/ was not written, the steps after the last intact checkpoint are lost "
+                       f"(last intact checkpoint: {found[-1] if found else 'none'})") from None
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
@@ -160,32 +165,13 @@ def _agreed_resume_point(resume: str | None, run_dir: Path, display: Any, main: 
     answer: tuple[str, Any] = ("ok", None)
     if main:
         try:
-            answer = ("ok", _resume_point(resume, run_dir, display))
+            answer = ("ok", checkpoint.resume_point(resume, run_dir, display.message))
         except UsageError as exc:
             answer = ("error", str(exc))
     status, value = distributed.from_main(answer)
     if status == "error":
         raise UsageError(value)
     return value
-
-
-def _resume_point(resume: str | None, run_dir: Path, display: Any) -> Path | None:
-    """The checkpoint to continue from: ``auto`` looks in this run's folder (none: start afresh);
-    a path may be a checkpoint, a run folder or its checkpoints/ folder (the newest is taken)."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        found = checkpoint.checkpoints_in(run_dir / "checkpoints")
-        if not found:
-            display.message(f"resume=auto: no checkpoint in {run_dir}; starting from step 0")
-        return found[-1] if found else None
-    path = Path(resume).expanduser()
-    if (path / checkpoint.STATE_FILE).is_file():
-        return path
-    found = checkpoint.checkpoints_in(path / "checkpoints") or checkpoint.checkpoints_in(path)
-    if not found:
-        raise UsageError(f"resume={resume}: no checkpoint there (expected a checkpoints/step_N folder or a run folder holding one)")
-    return found[-1]
 
 
 def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:

@@ -42,6 +42,29 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: 
         assert {"sparse", "dense"} <= stages and len(stages) >= 4
 
 
+def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(satrun, tmp_path: Path) -> None:
+    full = satrun("train", *SHORT, "scheduler=dense", "hydra.run.dir=run")
+    assert full.returncode == 0, full.stderr
+    steps = tmp_path / "run" / "checkpoints"
+    assert json.loads((steps / "step_10" / "manifest.json").read_text())["files"]["training_state.pt"] > 0
+    weights = steps / "step_10" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    named = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_10", "hydra.run.dir=other")
+    errors = [line for line in named.stderr.splitlines() if line.strip()]
+    assert named.returncode == 2 and len(errors) == 1, named.stderr
+    assert "step_10 is damaged: model.safetensors has 1000 bytes of the" in errors[0]
+    auto = satrun("train", *SHORT, "scheduler=dense", "resume=auto", "hydra.run.dir=run")
+    assert auto.returncode == 0, auto.stderr
+    assert "resume=auto: skipping" in auto.stdout + auto.stderr and "step_10" in auto.stdout + auto.stderr
+    assert "resuming from" in auto.stdout + auto.stderr and "step_5" in auto.stdout + auto.stderr
+    state = steps / "step_5" / "training_state.pt"  # damaged in a way sizes cannot tell (no manifest)
+    (steps / "step_5" / "manifest.json").unlink()
+    state.write_bytes(b"\0" * state.stat().st_size)
+    unreadable = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_5", "hydra.run.dir=third")
+    assert unreadable.returncode == 2 and "training_state.pt cannot be read" in unreadable.stderr
+    assert len([line for line in unreadable.stderr.splitlines() if line.strip()]) == 1
+
+
 def test_resume_of_a_path_without_checkpoints_is_a_usage_error(satrun, tmp_path: Path) -> None:
     result = satrun("train", *TINY, f"resume={tmp_path}")
     assert result.returncode == 2 and "no checkpoint" in result.stderr
@@ -121,3 +144,32 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step(satrun, tmp_path: Path)
 def test_non_finite_steps_may_be_skipped_up_to_a_bound(satrun, tmp_path: Path) -> None:
     result = satrun("train", *TINY, "optim.lr=1e30", "optim.warmup_steps=0", "trainer.max_skips=3", "hydra.run.dir=run")
     assert result.returncode == 1 and "4 such steps exceed trainer.max_skips=3" in result.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A 50 MB file system (tmpfs; needs the right to mount, else the test is skipped)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("when", ["checkpoint", "final"])
+def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(satrun, tmp_path: Path, small_disk: Path,
+                                                                   when: str) -> None:
+    # the tiny model's checkpoint takes about 40 MB: one fits, a second (or final/ beside it) does not
+    save = ["trainer.save_every=5"] if when == "checkpoint" else ["trainer.save_every=8", "trainer.keep_checkpoints=1"]
+    result = satrun("train", *SHORT, *save, f"hydra.run.dir={small_disk / 'run'}")
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert "no space left on the device" in errors[0] and "last intact checkpoint" in errors[0]
+    kept = small_disk / "run" / "checkpoints" / ("step_5" if when == "checkpoint" else "step_8")
+    assert str(kept) in errors[0] and (kept / "manifest.json").is_file()
+    if when == "final":
+        assert "final/ was not written" in errors[0]
+    assert not list((small_disk / "run").rglob(".*.tmp-*"))  # nothing half-written left behind

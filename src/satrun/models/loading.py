@@ -122,13 +122,19 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     state = {name: p.detach() for name, p in model.named_parameters()}
     state.update({name: b for name, b in model.named_buffers() if name in model.state_dict()})
     reader = dcp.HuggingFaceStorageReader(str(folder))
-    stored = set(reader.read_metadata().state_dict_metadata)
+    try:
+        stored = set(reader.read_metadata().state_dict_metadata)
+    except Exception as exc:
+        raise UsageError(f"{folder}: the weights cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
     missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state) - _tied_aliases(model))
     if missing or unexpected:
         raise UsageError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with warnings.catch_warnings():  # one process: DCP says it reads everything itself, as meant
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+        try:
+            dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+        except Exception as exc:  # a damaged file: safetensors, DCP and torch raise many kinds
+            raise UsageError(f"{folder}: the weights cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:

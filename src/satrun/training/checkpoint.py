@@ -20,7 +20,7 @@ import torch
 
 from satrun.errors import UsageError
 from satrun.training import distributed
-from satrun.training.saving import staged_folder
+from satrun.training.saving import damage, staged_folder
 
 STATE_FILE = "training_state.pt"
 SHARDS = "shards"
@@ -44,7 +44,7 @@ def save_checkpoint(
     ``write_model(folder)`` writes the model folder where the weights are not sharded."""
     target = folder / f"step_{step}"
     main = distributed.current().main
-    with staged_folder(target) as staging:
+    with staged_folder(target, manifest=True) as staging:
         if distributed.is_sharded(model):
             distributed.save_sharded(model, optimizer, staging / SHARDS)
             state = {**state, "ranks": distributed.current().size}
@@ -60,9 +60,42 @@ def save_checkpoint(
     return target
 
 
+def resume_point(resume: Optional[str], run_dir: Path, say: Callable[[str], None]) -> Optional[Path]:
+    """The checkpoint to continue from: ``auto`` takes the newest intact one in this run's
+    folder (none: start afresh), saying which damaged ones it passed over; a path may be a
+    checkpoint, a run folder or its checkpoints/ folder (the newest is taken). A named
+    checkpoint that is damaged is refused."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = checkpoints_in(run_dir / "checkpoints")
+        for folder in reversed(found):
+            wrong = damage(folder)
+            if wrong is None:
+                return folder
+            say(f"resume=auto: skipping {folder}: {wrong}")
+        if found:
+            raise UsageError(f"resume=auto: no intact checkpoint in {run_dir / 'checkpoints'} (all {len(found)} damaged)")
+        say(f"resume=auto: no checkpoint in {run_dir}; starting from step 0")
+        return None
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).is_file():
+        found = checkpoints_in(path / "checkpoints") or checkpoints_in(path)
+        if not found:
+            raise UsageError(f"resume={resume}: no checkpoint there (expected a checkpoints/step_N folder or a run folder holding one)")
+        path = found[-1]
+    wrong = damage(path)
+    if wrong is not None:
+        raise UsageError(f"resume={resume}: {path} is damaged: {wrong}")
+    return path
+
+
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's training state; ``sharded`` tells whether its weights are FSDP2 shards."""
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated or overwritten: pickle, zip and torch raise many kinds
+        raise UsageError(f"{checkpoint / STATE_FILE} cannot be read ({type(exc).__name__}); resume from another checkpoint") from exc
     state["sharded"] = (checkpoint / SHARDS).is_dir()
     state["folder"] = str(checkpoint)
     return state

@@ -10,6 +10,7 @@ and at worst a hidden staging folder, which the next write into the same parent 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,14 +19,20 @@ from typing import Iterator
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from satrun.errors import DiskFull
 from satrun.training import distributed
 
 
+MANIFEST = "manifest.json"
+
+
 @contextlib.contextmanager
-def staged_folder(target: Path) -> Iterator[Path]:
+def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
     """Every rank enters it and gets the same staging folder beside ``target`` to write into;
     when all have left it without an error, the folder replaces ``target`` (by renames only,
-    so an older ``target`` is never half-deleted). On an error the staging folder is removed."""
+    so an older ``target`` is never half-deleted). On an error the staging folder is removed.
+    ``manifest``: the first rank adds ``manifest.json`` (every file's size) last, so that a
+    reader can tell a complete folder from a damaged one (:func:`damage`)."""
     main = distributed.current().main
     staging: Path | None = None
     if main:
@@ -36,10 +43,20 @@ def staged_folder(target: Path) -> Iterator[Path]:
     staging = distributed.from_main(staging)
     assert staging is not None
     try:
-        yield staging
-        distributed.barrier()  # every rank's files are written
+        try:
+            yield staging
+            distributed.barrier()  # every rank's files are written
+            if main:
+                if manifest:
+                    sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
+                    (staging / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1) + "\n", encoding="utf-8")
+                _sync_tree(staging)
+        except Exception as exc:
+            if main and _out_of_space(staging, exc):
+                raise DiskFull(f"no space left on the device of {target.parent} writing {target.name} "
+                               f"(wrote {_size(staging)} bytes{_needed(target)}, {shutil.disk_usage(staging).free} free)") from exc
+            raise
         if main:
-            _sync_tree(staging)
             old = staging.with_name(f"{staging.name}-old")
             if target.exists():
                 target.rename(old)
@@ -50,6 +67,50 @@ def staged_folder(target: Path) -> Iterator[Path]:
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _out_of_space(folder: Path, exc: BaseException) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC or EDQUOT (or a library's error saying
+    so), or, as torch's zip writer says only "unexpected pos", next to nothing left free."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):  # e.g. safetensors' own error
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _needed(target: Path) -> str:
+    """What the last folder of this kind took, as the size to expect (checkpoints: the previous one)."""
+    siblings = [p for p in target.parent.glob("step_*") if p.is_dir()] if target.name.startswith("step_") else []
+    previous = target if target.is_dir() else max(siblings, key=lambda p: p.stat().st_mtime, default=None)
+    return f" of about {_size(previous)} needed" if previous is not None else ""
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a folder written with a manifest: a file missing or of another size
+    than written (truncated, emptied); None when all is as written or it has no manifest."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, OSError) as exc:
+        return f"{MANIFEST} unreadable ({type(exc).__name__})"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes of the {size} written"
+    return None
 
 
 def write_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:

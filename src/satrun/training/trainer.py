@@ -18,7 +18,7 @@ import torch
 
 from satrun.config import TrainerConfig, OptimConfig
 from satrun.data import BatchStream, Corpus, eval_batches, label_tokens
-from satrun.errors import Interrupted, NonFiniteLoss, UsageError
+from satrun.errors import DiskFull, Interrupted, NonFiniteLoss, UsageError
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import Display
 from satrun.training.loggers import JsonLines, Logger
@@ -191,8 +191,11 @@ def train(
         if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             log_interval()
         training_state = {"run": asdict(state), "data": stream.state_dict(), "rng": checkpoint.rng_state()}
-        folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, model, optimizer, training_state,
-                                            save_model, trainer.keep_checkpoints)
+        try:
+            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, model, optimizer, training_state,
+                                                save_model, trainer.keep_checkpoints)
+        except DiskFull as exc:
+            raise DiskFull(f"{exc}; last intact checkpoint: {last_checkpoint[0] or _newest(run_dir) or 'none'}") from None
         display.message(f"checkpoint: {folder}")
         last_checkpoint[0] = folder
         return folder
