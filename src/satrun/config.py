@@ -137,6 +137,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
+    resume_allow_changes: bool = False  # resume although max_steps, batch, sequence, optimizer or SAT settings differ from the checkpoint's
 
 
 _CHOICES = {

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from satrun.config import TrainConfig
 from satrun.data import BatchStream, Corpus, build_corpus
-from satrun.errors import DiskFull, RunStopped, UsageError
+from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf import probe
@@ -46,8 +46,15 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
+    finished = _finished_run(cfg, run_dir)
+    if finished is not None:
+        display.message(f"resume=auto: the run in {run_dir} already finished ({finished['steps']} steps); nothing to do")
+        return finished
     resume_from = _agreed_resume_point(cfg.resume, run_dir, display, world.main)
     resume = checkpoint.load_state(resume_from) if resume_from is not None else None
+    settings = _settings(cfg, world.size)
+    if resume is not None and not cfg.resume_allow_changes:
+        _check_unchanged(resume, settings)
     sharded = distributed.sharded_start(cfg.trainer.strategy, world)
     if resume is not None:
         checkpoint.check_resumable(resume, world.size, sharded)
@@ -55,7 +62,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-        f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out examples"
+        f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out "
+        + (f"blocks of {cfg.trainer.seq_len} tokens" if cfg.mode.name == "cpt" else "chats")
     )
     fill = _weight_source(cfg, model, resume, sharded)
     if resume is not None:
@@ -72,8 +80,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     def write_model(folder: Path) -> Path:
         return write_hf_folder(model, tokenizer, folder)
 
-    summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
-                    hooks=[sparsity], resume=resume, logger=logger, fill=fill)
+    try:
+        summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
+                        hooks=[sparsity], resume=resume, logger=logger, fill=fill, settings=settings)
+    except Interrupted as exc:
+        raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     overhead = sparsity.overhead_by_stage()
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
     for stage in summary["stages"]:
@@ -157,6 +168,49 @@ def _rank_main(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _finished_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """With resume=auto, the summary of a run in ``run_dir`` that already reached max_steps."""
+    summary, final = run_dir / "summary.json", run_dir / "final"
+    if cfg.resume != "auto" or not summary.is_file() or not final.is_dir():
+        return None
+    try:
+        done = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return done if done.get("steps", -1) >= cfg.trainer.max_steps else None
+
+
+def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
+    """What shapes the run's schedules and batches: a resume must not change it silently."""
+    t = cfg.trainer
+    shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
+              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name}
+    shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
+    shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items()})
+    return shaped
+
+
+def _check_unchanged(resume: dict[str, Any], settings: dict[str, Any]) -> None:
+    saved = resume.get("settings") or {}
+    changed = [f"{k}={saved[k]} -> {settings[k]}" for k in settings if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise UsageError(f"resume={resume['folder']}: settings differ from the checkpoint's ({'; '.join(changed[:4])}"
+                         f"{'; ...' if len(changed) > 4 else ''}), which would reshape the run; keep them, or set "
+                         "resume_allow_changes=true")
+
+
+def _continue_command(run_dir: Path) -> str:
+    """The command that continues a stopped run in its own folder: its overrides, resume=auto."""
+    import shlex
+
+    import yaml
+
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) if overrides_file.is_file() else []
+    kept = [o for o in overrides or [] if not o.startswith(("resume=", "hydra.run.dir=", "resume_allow_changes="))]
+    return " ".join(["satrun train", *map(shlex.quote, kept), "resume=auto", shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
 def _agreed_resume_point(resume: str | None, run_dir: Path, display: Any, main: bool) -> Path | None:

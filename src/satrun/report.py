@@ -76,7 +76,10 @@ def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
     path = run / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill mid-write (training itself skips it too)
             key = "loss" if record["kind"] == "train" else "eval_loss"
             found[record["kind"]].append((record["step"], record[key]))
     return found

@@ -64,3 +64,21 @@ def test_micro_batch_that_does_not_fit_exits_2(satrun, tmp_path: Path) -> None:
 def test_unknown_command_exits_2(satrun) -> None:
     result = satrun("trian")
     assert result.returncode == 2 and "unknown command" in result.stderr
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.pop("SATRUN_DEBUG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "satrun", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # importing and composing: before the training loop and its own handler
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 130 and len(lines) == 1 and "stopped by Ctrl-C" in lines[0], stderr[-2000:]

@@ -53,6 +53,10 @@ def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(sat
     errors = [line for line in named.stderr.splitlines() if line.strip()]
     assert named.returncode == 2 and len(errors) == 1, named.stderr
     assert "step_10 is damaged: model.safetensors has 1000 bytes of the" in errors[0]
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "final")  # as if killed before the end
+    (tmp_path / "run" / "summary.json").unlink()
     auto = satrun("train", *SHORT, "scheduler=dense", "resume=auto", "hydra.run.dir=run")
     assert auto.returncode == 0, auto.stderr
     assert "resume=auto: skipping" in auto.stdout + auto.stderr and "step_10" in auto.stdout + auto.stderr
@@ -99,12 +103,24 @@ def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(satrun
     stopped_at = max(_losses(tmp_path / "run"))
     assert (tmp_path / "run" / "checkpoints" / f"step_{stopped_at}").is_dir()
 
-    resumed = satrun("train", *LONG, "resume=auto", "hydra.run.dir=run")
+    hint = stderr.strip().splitlines()[-1].split("continue in this folder with: ")[1]
+    import shlex
+
+    command = shlex.split(hint)
+    assert command[:2] == ["satrun", "train"] and f"hydra.run.dir={tmp_path / 'run'}" in command
+    resumed = satrun(*command[1:])  # the printed command, as given
     assert resumed.returncode == 0, resumed.stderr
     full = satrun("train", *LONG, "hydra.run.dir=full")
     assert full.returncode == 0, full.stderr
     assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
     assert _losses(tmp_path / "run") == _losses(tmp_path / "full")  # one record per step, none twice
+
+    again = satrun(*command[1:])  # the run has finished: nothing is retrained
+    assert again.returncode == 0 and "already finished (60 steps); nothing to do" in again.stdout + again.stderr
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")
+    longer = satrun("train", *LONG, "trainer.max_steps=80", "resume=run/checkpoints/step_" + str(stopped_at),
+                    "hydra.run.dir=longer")
+    assert longer.returncode == 2 and "trainer.max_steps=60 -> 80" in longer.stderr and "resume_allow_changes" in longer.stderr
 
 
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_path: Path) -> None:

@@ -73,3 +73,21 @@ def test_saving_a_step_again_replaces_it_whole(tmp_path: Path) -> None:
     assert state_of(tmp_path / "step_4") == {"run": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4"]  # no old copy, no staging left
     assert not (tmp_path / "step_4" / "model.safetensors").exists()
+
+
+def test_written_folders_follow_the_umask(tmp_path: Path) -> None:
+    import os
+
+    previous = os.umask(0o027)
+    try:
+        folder = save(tmp_path, 1, _write_model, {"run": 1}, keep=0)
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o750  # not mkdtemp's private 0700
+
+
+def test_report_skips_a_torn_last_line(tmp_path: Path) -> None:
+    from satrun.report import curves
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.5}\n{"kind": "tra', encoding="utf-8")
+    assert curves(tmp_path) == {"train": [(1, 2.5)], "eval": []}

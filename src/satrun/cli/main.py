@@ -239,6 +239,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if command == "report":
             return _report(rest)
         return _run_hydra(COMMANDS[command][1], command, rest)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves first), or a second one
+        if os.environ.get("SATRUN_DEBUG"):
+            raise
+        print(f"satrun {command}: stopped by Ctrl-C (SIGINT); checkpoints already written are intact", file=sys.stderr)
+        return 130
     except Exception as exc:
         if os.environ.get("SATRUN_DEBUG"):
             raise

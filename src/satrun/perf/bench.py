@@ -132,7 +132,8 @@ def run_bench(
             "speedup": measured,
             "speedup_quartiles": _quartiles(ratios),
             "ideal_speedup": ideal,
-            "efficiency": (measured - 1) / (ideal - 1) if ideal > 1 else None,
+            # (measured - 1) / (ideal - 1) means nothing where the ideal gain is within noise
+            "efficiency": (measured - 1) / (ideal - 1) if ideal > 1.02 else None,
             "overhead_share": statistics.median(select[name]),
             "peak_mem_bytes": peak[name],
             "mfu": flops / step_s / peak_flops if peak_flops else None,

@@ -84,8 +84,13 @@ class WandB:
         except ImportError as exc:
             raise UsageError("logger=wandb needs the wandb package: pip install wandb") from exc
         folder.mkdir(parents=True, exist_ok=True)
-        self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(folder), name=run_name, config=config,
-                               reinit="create_new")
+        try:
+            self._run = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(folder), name=run_name, config=config,
+                                   reinit="create_new")
+        except Exception as exc:  # no login, no network, bad project: wandb raises many kinds
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"logger=wandb logger.mode={cfg.mode}: wandb could not start ({first}); "
+                             "run `wandb login`, or use logger.mode=offline") from exc
 
     def log(self, record: dict[str, Any]) -> None:
         self._run.log(_scalars(record), step=record["step"])

@@ -40,6 +40,7 @@ def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
         for stale in target.parent.glob(".*.tmp-*"):  # left by a crash during an earlier write
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes should not be
     staging = distributed.from_main(staging)
     assert staging is not None
     try:
@@ -67,6 +68,12 @@ def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _out_of_space(folder: Path, exc: BaseException) -> bool:

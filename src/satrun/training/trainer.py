@@ -120,6 +120,7 @@ def train(
     resume: Optional[dict[str, Any]] = None,
     logger: Optional[Logger] = None,
     fill: Optional[Callable[[torch.nn.Module], None]] = None,
+    settings: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
@@ -133,6 +134,8 @@ def train(
     exactly where it stopped. Each hook is called before every step with the step number; the
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
     per-stage report. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
+    ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
+    caller to compare on resume.
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
@@ -190,7 +193,8 @@ def train(
     def save_checkpoint() -> Path:
         if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             log_interval()
-        training_state = {"run": asdict(state), "data": stream.state_dict(), "rng": checkpoint.rng_state()}
+        training_state = {"run": asdict(state), "data": stream.state_dict(), "rng": checkpoint.rng_state(),
+                          "settings": settings or {}}
         try:
             folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, model, optimizer, training_state,
                                                 save_model, trainer.keep_checkpoints)
@@ -251,7 +255,7 @@ def train(
                     folder = save_checkpoint()
                     number = stop[0] if stop else signal.SIGTERM  # a rank the signal did not reach
                     raise Interrupted(f"stopped by {signal.Signals(number).name} after step {state.step}; "
-                                      f"checkpoint saved; continue with resume={folder}", number)
+                                      f"checkpoint saved: {folder}", number)
                 if trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
                     save_checkpoint()
             run_eval()
