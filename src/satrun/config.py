@@ -122,6 +122,20 @@ class LauncherConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """What `satrun generate` writes with: which weights, which prompts, how to sample."""
+
+    run: Optional[str] = None  # a run folder (its final/, else its newest checkpoint), a final/ or checkpoint folder; None: the configured model
+    prompt: list[str] = field(default_factory=lambda: ["Tell me about the sea."])  # prompts, e.g. generate.prompt='[Hi,"How are you?"]'
+    prompt_file: Optional[str] = None  # a text file with one prompt per line, instead of generate.prompt
+    max_new_tokens: int = 64  # tokens generated per prompt at most
+    temperature: float = 0.0  # 0: greedy (deterministic); above 0: sampling at this temperature
+    top_p: float = 1.0  # sampling: nucleus probability mass kept
+    chat: str = "auto"  # auto (use the tokenizer's chat template when it has one) | on | off (plain text continuation)
+    stream: bool = True  # print tokens as they are generated
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,6 +148,7 @@ class TrainConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
@@ -221,6 +236,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
     if cfg.selector.align < 1 or cfg.metric.token_stride < 1:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
+    g = cfg.generate
+    if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.chat not in ("auto", "on", "off"):
+        raise UsageError("generate.max_new_tokens must be at least 1, generate.temperature non-negative, "
+                         "generate.top_p in (0, 1], generate.chat one of: auto, on, off")
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
     if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):

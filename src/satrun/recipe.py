@@ -329,6 +329,85 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return result
 
 
+def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Text from a trained (or any configured) model for each prompt, streamed to the terminal
+    and written to generations.jsonl."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    g = cfg.generate
+    prompts = _prompts(g.prompt, g.prompt_file)
+    folder = _weights_to_generate_with(g.run)
+    set_seed(cfg.trainer.seed)
+    device = runtime.resolve_device(cfg.trainer.device)
+    if folder is None:
+        tokenizer, model = load_tokenizer(cfg.model), None
+        model = load_model(cfg.model, tokenizer)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"generate.run={g.run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
+    model.to(device).eval()
+    chat = g.chat == "on" or (g.chat == "auto" and bool(tokenizer.chat_template))
+    if chat and not tokenizer.chat_template:
+        raise UsageError("generate.chat=on but the tokenizer has no chat template (use generate.chat=off)")
+    sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {"do_sample": False}
+    results = []
+    for prompt in prompts:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True) if chat else prompt
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
+        print(f"\n>>> {prompt}", flush=True)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if g.stream else None
+        with torch.no_grad(), runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device)):
+            out = model.generate(**inputs, max_new_tokens=g.max_new_tokens, streamer=streamer,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        if not g.stream:
+            print(answer, flush=True)
+        results.append({"prompt": prompt, "output": answer, "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1])})
+    out_file = run_dir / "generations.jsonl"
+    out_file.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
+    print(f"\ngenerations written to {out_file} (model: {folder or cfg.model.name}, "
+          f"{'greedy' if g.temperature == 0 else f'temperature {g.temperature}, top_p {g.top_p}'}, chat template {'on' if chat else 'off'})")
+    return results
+
+
+def _prompts(prompt: list[str], prompt_file: str | None) -> list[str]:
+    if prompt_file is None:
+        if not prompt or not all(isinstance(p, str) and p.strip() for p in prompt):
+            raise UsageError("generate.prompt needs one or more non-empty prompts")
+        return list(prompt)
+    path = Path(prompt_file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"generate.prompt_file={prompt_file}: no such file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise UsageError(f"generate.prompt_file={prompt_file}: no prompts in it (one per line)")
+    return lines
+
+
+def _weights_to_generate_with(run: str | None) -> Path | None:
+    """A Hugging Face folder from generate.run: a run folder's final/ (else its newest
+    checkpoint), or the folder given; None for the configured model."""
+    if run is None:
+        return None
+    path = Path(run).expanduser()
+    if (path / "final" / "config.json").is_file():
+        return path / "final"
+    if not (path / "config.json").is_file():
+        found = checkpoint.checkpoints_in(path / "checkpoints") or checkpoint.checkpoints_in(path)
+        if not found and not (path / checkpoint.STATE_FILE).is_file():
+            raise UsageError(f"generate.run={run}: no final/ model, checkpoint or Hugging Face folder there")
+        path = found[-1] if found else path
+    if (path / checkpoint.SHARDS).is_dir():
+        raise UsageError(f"generate.run={run}: {path} holds FSDP2 shards, not a model folder; use the run's final/")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"generate.run={run}: {path} is not a Hugging Face model folder")
+    return path
+
+
 def _sat_overrides(cfg: TrainConfig) -> str:
     """The metric and selector settings a calibration was measured with, as overrides."""
     m, s = cfg.metric, cfg.selector

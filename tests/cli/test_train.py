@@ -113,7 +113,8 @@ def test_help_lists_groups_and_options(satrun) -> None:
 
 
 @pytest.mark.parametrize("command, says", [("plan", "from the model's shape alone"), ("bench", "side by side"),
-                                           ("probe", "sensitivity"), ("train", "continual pre-training")])
+                                           ("probe", "sensitivity"), ("train", "continual pre-training"),
+                                           ("generate", "chat template")])
 def test_each_command_has_its_own_help(satrun, command: str, says: str) -> None:
     result = satrun(command, "--help")
     assert result.returncode == 0, result.stderr

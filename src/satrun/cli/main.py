@@ -37,8 +37,9 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _task("run_plan")),
     "bench": ("time dense and SAT training steps side by side on real batches", _task("run_benchmark")),
     "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("run_probe")),
+    "generate": ("text from a trained run's model (generate.run=<run folder>) or any configured model", _task("run_generate")),
 }
-RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes"}
+RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes", "generate": "outputs/generations"}
 # Each command's --help: (what it does, examples); the keys listed below them are train's, all of
 # which the command reads (conf/train.yaml's hydra.help resolves ${satrun_help:...} from here).
 HELP = {
@@ -61,6 +62,12 @@ HELP = {
               "rates; writes probe.json, probe.png and conf/calibration/calibrated.yaml (default folder "
               "outputs/probes/<time>).",
               ["satrun probe", "satrun probe probe.target_speedup=1.3"]),
+    "generate": ("greedy or sampled text for each prompt (generate.prompt, generate.prompt_file) from a run's "
+                 "final/ model or checkpoint (generate.run) or the configured model, with the tokenizer's chat "
+                 "template where it has one, streamed to the terminal; writes generations.jsonl (default folder "
+                 "outputs/generations/<time>).",
+                 ["satrun generate generate.run=outputs/cpt-1 generate.prompt='[What is SAT?]'",
+                  "satrun generate mode=sft generate.prompt_file=prompts.txt generate.temperature=0.7"]),
 }
 REPORT_USAGE = "usage: satrun report PATH... [--out DIR] (run folders or sweep folders)"
 REPORT_HELP = f"""{REPORT_USAGE}
