@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 from satrun.perf import memory
 from satrun.training import loss as loss_module
 

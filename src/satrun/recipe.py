@@ -24,7 +24,7 @@ from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.sat.schedule import fitting_rungs
-from satrun.training import checkpoint, distributed, runtime
+from satrun.training import checkpoint, distributed, launcher, runtime
 from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
@@ -40,7 +40,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     With ``launcher=torchrun`` it starts the ranks itself and returns the first rank's summary.
     """
     if cfg.launcher.name == "torchrun" and "LOCAL_RANK" not in os.environ:
-        return launch_ranks(cfg, run_dir)
+        return launcher.launch_ranks(cfg, run_dir, run_training)
     started = time.perf_counter()
     world = distributed.init_from_env()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,11 +53,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     resume_from = _agreed_resume_point(cfg.resume, run_dir, display, world.main)
     resume = checkpoint.load_state(resume_from) if resume_from is not None else None
     settings = _settings(cfg, world.size)
-    if resume is not None and not cfg.resume_allow_changes:
-        _check_unchanged(resume, settings)
     sharded = distributed.sharded_start(cfg.trainer.strategy, world)
     if resume is not None:
-        checkpoint.check_resumable(resume, world.size, sharded)
+        checkpoint.check_resumable(resume, world.size, sharded)  # shards fit only their own rank count
+        if not cfg.resume_allow_changes:
+            _check_unchanged(resume, settings)
     random_here = cfg.model.source == "random" and resume is None and world.main  # broadcast from here
     tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
     display.message(
@@ -107,67 +107,6 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         print_summary(summary)
     display.message(f"run folder: {run_dir}")
     return summary
-
-
-def launch_ranks(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """Start ``launcher.nproc_per_node`` ranks on this machine with torch.distributed's own
-    launcher (what torchrun --standalone does), all training into ``run_dir``.
-
-    Signals are the ranks' to handle (they save a checkpoint first): Ctrl-C reaches them
-    directly, and a SIGTERM sent to this process alone is passed on to them. A rank that stops
-    on purpose (bad input, a signal, non-finite losses) is reported here as if it were this
-    process, with the same one line and exit status.
-    """
-    import multiprocessing
-    import signal
-    import uuid
-
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    def pass_on(signum: int, frame: Any) -> None:
-        for child in multiprocessing.active_children():
-            os.kill(child.pid, signum)
-
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.launcher.nproc_per_node,
-                          run_id=f"satrun-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d", rdzv_endpoint="localhost:0",
-                          max_restarts=0, monitor_interval=0.2, start_method="spawn", signals_to_handle="SIGHUP,SIGQUIT")
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on)}
-    try:
-        results = elastic_launch(config, _rank_main)(cfg, run_dir)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    stopped = [r["stopped"] for r in results.values() if "stopped" in r]
-    if stopped:
-        kind, message, code = stopped[0]
-        if kind == "usage":
-            raise UsageError(message)
-        error = RunStopped(message)
-        error.exit_code = code
-        raise error
-    return results[0]
-
-
-def _rank_main(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """One rank started by :func:`launch_ranks`: its logging, then the training; a deliberate
-    stop comes back as ``{"stopped": (kind, message, exit status)}``."""
-    import dataclasses
-    import logging
-
-    if os.environ.get("RANK", "0") == "0":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-                            handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "main.log")])
-    try:
-        return run_training(dataclasses.replace(cfg, launcher=dataclasses.replace(cfg.launcher, name="none")), run_dir)
-    except UsageError as exc:
-        return {"stopped": ("usage", str(exc), 2)}
-    except RunStopped as exc:
-        return {"stopped": ("run", str(exc), exc.exit_code)}
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _finished_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ import torch
 from satrun.config import DataConfig
 from satrun.data import build_corpus
 from satrun.data.batches import BatchStream, GlobalBatchSampler, collate, eval_batches, label_tokens
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 
 PAD = 99
 

@@ -12,7 +12,8 @@ import torch
 
 from satrun.config import DataConfig
 from satrun.data import build_corpus
-from satrun.data.sft import IGNORE, render, tokenize_chat, tokenize_chats
+from satrun.data.sft import render, tokenize_chat, tokenize_chats
+from satrun.labels import IGNORE
 from satrun.errors import UsageError
 
 TWO_TURN = [

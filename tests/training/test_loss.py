@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 from satrun.training import loss as loss_module
 from satrun.training.loss import causal_lm_loss, linear_cross_entropy
 from tests.sat.models import build

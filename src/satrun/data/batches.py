@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.utils.data
 
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 from satrun.errors import UsageError
 
 Example = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), 1-D int64

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from satrun.data.sources import MESSAGES
 from satrun.errors import UsageError
 
-IGNORE = -100
+from satrun.labels import IGNORE
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:

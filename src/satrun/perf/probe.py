@@ -31,7 +31,7 @@ from satrun.data import label_tokens
 from satrun.perf.flops import Shape, ideal_speedup
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 from satrun.training.loss import causal_lm_loss, linear_cross_entropy
 
 

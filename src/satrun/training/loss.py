@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from satrun.data.sft import IGNORE
+from satrun.labels import IGNORE
 
 IMPLEMENTATION = "torch"  # "torch" | "satrun": who computes fp32 chunked cross-entropy (see above)
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32; fewer chunks, fewer passes over grad_w)

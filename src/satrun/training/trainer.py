@@ -140,7 +140,61 @@ def train(
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
     dtype = runtime.resolve_precision(trainer.precision, device)
-    amp = runtime.autocast(device, dtype)
+    objective = _prepare(model, trainer, world, device, dtype, fill)
+    optimizer = build_optimizer(model, optim)
+    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
+                         pin_memory=device.type == "cuda")  # pinned: the non_blocking copies in _to are asynchronous
+    held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
+    logger = logger or JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
+    run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
+              runtime.autocast(device, dtype), device, world.size, save_model, settings or {})
+    if resume is not None:
+        run.restore(resume)
+    state = run.state
+    try:
+        with _stop_requests() as stop:
+            if resume is None:
+                run.evaluate()
+            display.start(trainer.max_steps, state.step)
+            while state.step < trainer.max_steps:
+                fields = run.begin_step(hooks)
+                lr = lr_at(state.step, optim, trainer.max_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                started = time.perf_counter()
+                micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
+                loss, grad_norm, tokens = train_step(objective, optimizer, micro_batches, optim.grad_clip, run.amp)
+                runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
+                run.end_step(loss, grad_norm, tokens, time.perf_counter() - started, lr, micro_batches, fields)
+
+                last = state.step == trainer.max_steps
+                if run.interval.steps and (state.step % trainer.log_every == 0 or last):
+                    run.log()
+                if trainer.eval_every and state.step % trainer.eval_every == 0 and not last:
+                    run.evaluate()
+                if distributed.any_rank(bool(stop), device) and not last:
+                    run.stop(stop[0] if stop else signal.SIGTERM)  # SIGTERM: a rank the signal did not reach
+                if trainer.save_every and state.step % trainer.save_every == 0 and not last:
+                    run.checkpoint()
+            run.evaluate()
+    except (RuntimeError, torch.OutOfMemoryError) as exc:
+        if not runtime.is_out_of_memory(exc):
+            raise
+        raise UsageError(
+            f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
+            f"in memory (step {state.step}){runtime.memory_hint(device)}; lower trainer.micro_batch_size and raise "
+            "trainer.grad_accum, or set trainer.activation_checkpointing=true, or shorten trainer.seq_len"
+        ) from None
+    finally:
+        display.close()
+        logger.close()
+    return run.summary()
+
+
+def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.World, device: torch.device,
+             dtype: torch.dtype, fill: Optional[Callable[[torch.nn.Module], None]]) -> torch.nn.Module:
+    """The model on its device, wrapped for the strategy with its loss, its weights filled."""
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)
     model.train()
@@ -149,29 +203,88 @@ def train(
     blocks = list(getattr(getattr(model, "model", model), "layers", []))
     objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device, dtype)
     distributed.materialize(model, device, fill)
-    optimizer = build_optimizer(model, optim)
-    stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
-                         pin_memory=device.type == "cuda")  # pinned: the non_blocking copies in _to are asynchronous
-    held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
-    state = RunState()
-    if logger is None:
-        logger = JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
-    if resume is not None:
-        checkpoint.restore(model, optimizer, resume)
-        stream.load_state_dict(resume["data"])
-        state = RunState(**resume["run"])
+    return objective
+
+
+@dataclass
+class Run:
+    """What the loop's steps share, and the steps besides the training step itself: evaluation,
+    train records, checkpoints, the non-finite guard, stopping on a signal, the summary."""
+
+    trainer: TrainerConfig
+    run_dir: Path
+    display: Display
+    logger: Logger
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: BatchStream
+    held_out: list[Batch]
+    amp: Any
+    device: torch.device
+    ranks: int
+    save_model: Optional[Callable[[Path], Any]]
+    settings: dict[str, Any]
+    state: RunState = field(default_factory=RunState)
+    interval: Interval = field(init=False)
+    last_checkpoint: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        self.interval = Interval(loss=torch.zeros((), device=self.device))
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        """Continue from a checkpoint's training state (:func:`checkpoint.load_state`)."""
+        checkpoint.restore(self.model, self.optimizer, resume)
+        self.stream.load_state_dict(resume["data"])
+        self.state = RunState(**resume["run"])
         checkpoint.restore_rng(resume["rng"])
-    interval = Interval(loss=torch.zeros((), device=device))
-    last_checkpoint: list[Optional[Path]] = [None]
 
-    def run_eval() -> None:
-        loss = evaluate(objective, held_out, amp)
-        record = {"kind": "eval", "step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
-        logger.log(record)
-        display.eval(record)
-        state.eval_history.append(record)
+    def evaluate(self) -> None:
+        loss = evaluate(self.objective, self.held_out, self.amp)
+        record = {"kind": "eval", "step": self.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss)}
+        self.logger.log(record)
+        self.display.eval(record)
+        self.state.eval_history.append(record)
 
-    def log_interval() -> None:
+    def begin_step(self, hooks: Sequence[StepHook]) -> dict[str, Any]:
+        """The hooks' fields for this step's record; a record never spans two stages."""
+        fields: dict[str, Any] = {}
+        for hook in hooks:
+            fields.update(hook(self.state.step))
+        if self.interval.steps and fields != self.interval.fields:
+            self.log()
+        self.interval.fields = fields
+        self.state.stage_fields.setdefault(fields.get("stage", "train"), fields)
+        return fields
+
+    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, seconds: float, lr: float,
+                 micro_batches: Sequence[Batch], fields: dict[str, Any]) -> None:
+        """Count the step; a non-finite loss or gradient (its update was skipped) is counted
+        against ``trainer.max_skips`` instead of into the record."""
+        state, interval, trainer = self.state, self.interval, self.trainer
+        state.step += 1
+        state.tokens += tokens
+        state.padded_tokens += self.ranks * sum(b["input_ids"].numel() for b in micro_batches)
+        state.train_s += seconds
+        state.step_log.append((fields.get("stage", "train"), seconds, tokens))
+        if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            state.skipped += 1
+            where = f"non-finite loss or gradient at step {state.step} (the update was skipped)"
+            if state.skipped > trainer.max_skips:
+                kept = self.last_checkpoint or _newest(self.run_dir)
+                raise NonFiniteLoss(f"{where}; {state.skipped} such steps exceed trainer.max_skips="
+                                    f"{trainer.max_skips}; last checkpoint: {kept or 'none'}")
+            self.display.message(f"warning: {where}; {state.skipped} of trainer.max_skips={trainer.max_skips}")
+        else:
+            interval.loss += loss
+            interval.steps += 1
+        interval.tokens += tokens
+        interval.seconds += seconds
+        interval.lr, interval.grad_norm = lr, grad_norm
+
+    def log(self) -> None:
+        """A train record of the steps since the last one."""
+        state, interval = self.state, self.interval
         state.train_loss = float(interval.loss) / interval.steps
         record = {
             "kind": "train",
@@ -185,107 +298,49 @@ def train(
             "elapsed_s": state.train_s,
             **interval.fields,
         }
-        logger.log(record)
-        display.train(record)
+        self.logger.log(record)
+        self.display.train(record)
         interval.loss.zero_()
         interval.steps, interval.tokens, interval.seconds = 0, 0, 0.0
 
-    def save_checkpoint() -> Path:
-        if interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
-            log_interval()
-        training_state = {"run": asdict(state), "data": stream.state_dict(), "rng": checkpoint.rng_state(),
-                          "settings": settings or {}}
+    def checkpoint(self) -> Path:
+        if self.interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
+            self.log()
+        training_state = {"run": asdict(self.state), "data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
+                          "settings": self.settings}
         try:
-            folder = checkpoint.save_checkpoint(run_dir / "checkpoints", state.step, model, optimizer, training_state,
-                                                save_model, trainer.keep_checkpoints)
+            folder = checkpoint.save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
+                                                training_state, self.save_model, self.trainer.keep_checkpoints)
         except DiskFull as exc:
-            raise DiskFull(f"{exc}; last intact checkpoint: {last_checkpoint[0] or _newest(run_dir) or 'none'}") from None
-        display.message(f"checkpoint: {folder}")
-        last_checkpoint[0] = folder
+            kept = self.last_checkpoint or _newest(self.run_dir)
+            raise DiskFull(f"{exc}; last intact checkpoint: {kept or 'none'}") from None
+        self.display.message(f"checkpoint: {folder}")
+        self.last_checkpoint = folder
         return folder
 
-    try:
-        with _stop_requests() as stop:
-            if resume is None:
-                run_eval()
-            display.start(trainer.max_steps, state.step)
-            while state.step < trainer.max_steps:
-                fields: dict[str, Any] = {}
-                for hook in hooks:
-                    fields.update(hook(state.step))
-                if interval.steps and fields != interval.fields:
-                    log_interval()
-                interval.fields = fields
-                state.stage_fields.setdefault(fields.get("stage", "train"), fields)
-                lr = lr_at(state.step, optim, trainer.max_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+    def stop(self, number: int) -> None:
+        """A signal arrived: save, then stop with its exit status."""
+        folder = self.checkpoint()
+        raise Interrupted(f"stopped by {signal.Signals(number).name} after step {self.state.step}; "
+                          f"checkpoint saved: {folder}", number)
 
-                started = time.perf_counter()
-                micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
-                loss, grad_norm, tokens = train_step(objective, optimizer, micro_batches, optim.grad_clip, amp)
-                runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
-                seconds = time.perf_counter() - started
-
-                state.step += 1
-                state.tokens += tokens
-                state.padded_tokens += world.size * sum(b["input_ids"].numel() for b in micro_batches)
-                state.train_s += seconds
-                state.step_log.append((fields.get("stage", "train"), seconds, tokens))
-                if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
-                    state.skipped += 1
-                    where = f"non-finite loss or gradient at step {state.step} (the update was skipped)"
-                    if state.skipped > trainer.max_skips:
-                        kept = last_checkpoint[0] or _newest(run_dir)
-                        raise NonFiniteLoss(f"{where}; {state.skipped} such steps exceed trainer.max_skips="
-                                            f"{trainer.max_skips}; last checkpoint: {kept or 'none'}")
-                    display.message(f"warning: {where}; {state.skipped} of trainer.max_skips={trainer.max_skips}")
-                else:
-                    interval.loss += loss
-                    interval.steps += 1
-                interval.tokens += tokens
-                interval.seconds += seconds
-                interval.lr, interval.grad_norm = lr, grad_norm
-
-                if interval.steps and (state.step % trainer.log_every == 0 or state.step == trainer.max_steps):
-                    log_interval()
-                if trainer.eval_every and state.step % trainer.eval_every == 0 and state.step < trainer.max_steps:
-                    run_eval()
-                if distributed.any_rank(bool(stop), device) and state.step < trainer.max_steps:
-                    folder = save_checkpoint()
-                    number = stop[0] if stop else signal.SIGTERM  # a rank the signal did not reach
-                    raise Interrupted(f"stopped by {signal.Signals(number).name} after step {state.step}; "
-                                      f"checkpoint saved: {folder}", number)
-                if trainer.save_every and state.step % trainer.save_every == 0 and state.step < trainer.max_steps:
-                    save_checkpoint()
-            run_eval()
-    except (RuntimeError, torch.OutOfMemoryError) as exc:
-        if not runtime.is_out_of_memory(exc):
-            raise
-        raise UsageError(
-            f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
-            f"in memory (step {state.step}){runtime.memory_hint(device)}; lower trainer.micro_batch_size and raise "
-            "trainer.grad_accum, or set trainer.activation_checkpointing=true, or shorten trainer.seq_len"
-        ) from None
-    finally:
-        display.close()
-        logger.close()
-
-    return {
-        "steps": state.step,
-        "tokens": state.tokens,
-        "padded_tokens": state.padded_tokens,
-        "skipped_steps": state.skipped,
-        "train_loss": state.train_loss,
-        "initial_eval_loss": state.eval_history[0]["eval_loss"],
-        "eval_loss": state.eval_history[-1]["eval_loss"],
-        "eval_ppl": state.eval_history[-1]["eval_ppl"],
-        "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
-        "train_s": state.train_s,
-        "stages": stage_summary(state.step_log, state.stage_fields),
-        "peak_mem_bytes": runtime.peak_memory_bytes(device),
-        "device": str(device),
-    }
+    def summary(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "steps": state.step,
+            "tokens": state.tokens,
+            "padded_tokens": state.padded_tokens,
+            "skipped_steps": state.skipped,
+            "train_loss": state.train_loss,
+            "initial_eval_loss": state.eval_history[0]["eval_loss"],
+            "eval_loss": state.eval_history[-1]["eval_loss"],
+            "eval_ppl": state.eval_history[-1]["eval_ppl"],
+            "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
+            "train_s": state.train_s,
+            "stages": stage_summary(state.step_log, state.stage_fields),
+            "peak_mem_bytes": runtime.peak_memory_bytes(self.device),
+            "device": str(self.device),
+        }
 
 
 @contextlib.contextmanager
