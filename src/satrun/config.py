@@ -240,6 +240,7 @@ def validate(cfg: TrainConfig) -> None:
     if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.chat not in ("auto", "on", "off"):
         raise UsageError("generate.max_new_tokens must be at least 1, generate.temperature non-negative, "
                          "generate.top_p in (0, 1], generate.chat one of: auto, on, off")
+    _refuse_ignored(cfg)
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
     if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):
@@ -258,3 +259,25 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(str(exc)) from exc
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")
+
+
+# Keys an option does not read: setting one away from its default would do nothing, so it is refused.
+_IGNORED = {
+    ("selector", "topk"): ("temperature", "normalize"),
+    ("metric", "random"): ("token_stride",),
+    ("metric", "magnitude"): ("token_stride",),
+    ("metric", "wanda"): ("token_stride",),
+    ("launcher", "none"): ("nproc_per_node",),
+}
+
+
+def _refuse_ignored(cfg: TrainConfig) -> None:
+    for (section, option), keys in _IGNORED.items():
+        group = getattr(cfg, section)
+        if group.name != option:
+            continue
+        default = type(group)()
+        for key in keys:
+            if getattr(group, key) != getattr(default, key):
+                raise UsageError(f"{section}.{key}={getattr(group, key)} does nothing with {section}={option}; "
+                                 f"leave it out (or choose a {section} that uses it)")

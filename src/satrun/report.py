@@ -59,7 +59,7 @@ def summarize(run: Path) -> dict[str, Any]:
         "job": run.name,
         "status": "ok" if summary else ("failed" if error else "incomplete"),
         "overrides": " ".join(overrides),
-        "rate": (config.get("scheduler") or {}).get("rate"),
+        "rate": 0.0 if (config.get("scheduler") or {}).get("name") == "dense" else (config.get("scheduler") or {}).get("rate"),
         "error": error,
         "run_dir": str(run),
     }
