@@ -29,7 +29,7 @@ from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
 from satrun.training.loggers import Fanout, build_loggers
-from satrun.training.saving import save_hf_folder, write_hf_folder
+from satrun.training.saving import remove_stale, save_hf_folder, write_hf_folder
 from satrun.training.trainer import train
 
 
@@ -44,6 +44,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     world = distributed.init_from_env()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:  # what a kill during an earlier launch's write left behind
+        remove_stale(run_dir)
+        remove_stale(run_dir / "checkpoints")
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
     finished = _finished_run(cfg, run_dir)

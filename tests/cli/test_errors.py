@@ -82,3 +82,20 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=120)
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == 130 and len(lines) == 1 and "stopped by Ctrl-C" in lines[0], stderr[-2000:]
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
+    """A cold start spends seconds importing torch; a Ctrl-C then must not crash the exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import signal, threading, os\n"
+            "threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+            "import sys; sys.argv = ['satrun', 'train', 'model=tiny']\n"
+            "from satrun.cli.main import entry; entry()\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != "SATRUN_DEBUG"})
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 130 and len(lines) == 1 and "stopped by Ctrl-C" in lines[0], result.stderr[-2000:]

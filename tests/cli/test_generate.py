@@ -34,16 +34,18 @@ def test_generate_from_a_run_equals_transformers_greedy(satrun, tmp_path: Path) 
         assert record["output"] == tokenizer.decode(new, skip_special_tokens=True)
         assert record["new_tokens"] == len(new) <= 6
 
-    from_checkpoint = satrun("generate", "generate.run=run/checkpoints/step_1", "generate.prompt=[Hello]",
-                             "generate.max_new_tokens=2", "generate.stream=false", "hydra.run.dir=gen2")
-    assert from_checkpoint.returncode == 0, from_checkpoint.stderr
-    assert "step_1" in from_checkpoint.stdout
+    from satrun.recipe import _weights_to_generate_with  # a checkpoint is a model folder too
+
+    assert _weights_to_generate_with(str(tmp_path / "run" / "checkpoints" / "step_1")) == tmp_path / "run" / "checkpoints" / "step_1"
+    assert _weights_to_generate_with(str(tmp_path / "run")) == tmp_path / "run" / "final"
 
 
-def test_generate_refuses_what_it_cannot_use_in_one_line(satrun, tmp_path: Path) -> None:
+def test_generate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    from tests.cli.test_train import in_process
+
     for args, says in ((["generate.run=nowhere"], "no final/ model, checkpoint"),
                        (["generate.prompt_file=missing.txt"], "no such file"),
                        (["generate.temperature=-1"], "generate.temperature")):
-        result = satrun("generate", *TINY, *args, "hydra.run.dir=gen")
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and says in lines[0], result.stderr
+        code, _, err = in_process(["generate", *TINY, *args, "hydra.run.dir=gen"], capsys, tmp_path, monkeypatch)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and says in lines[0], err

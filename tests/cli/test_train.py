@@ -66,8 +66,13 @@ def test_cpt_run_writes_complete_run_folder(satrun, tmp_path: Path) -> None:
 
 
 def test_a_five_step_run_takes_the_ladder_rungs_that_fit(satrun, tmp_path: Path) -> None:
-    """The natural smoke test: a ladder that does not fit uses the rungs that do, and says so."""
+    """The natural smoke test: a ladder that does not fit uses the rungs that do, and says so.
+    (Staging folders a killed earlier launch left behind are removed at the start.)"""
+    stale = [tmp_path / "run" / ".final.tmp-abc", tmp_path / "run" / "checkpoints" / ".step_9.tmp-def"]
+    for folder in stale:
+        folder.mkdir(parents=True)
     result = satrun("train", *TINY, "trainer.max_steps=5", "hydra.run.dir=run")
+    assert not any(folder.exists() for folder in stale)
     assert result.returncode == 0, result.stderr
     said = result.stdout + result.stderr
     assert "scheduler.ladder_steps=4: 3 rung(s) fit in trainer.max_steps=5" in said
@@ -112,46 +117,62 @@ def test_help_lists_groups_and_options(satrun) -> None:
     assert "satrun train" in sub.stdout and "model: " in sub.stdout and "tinyllama-1.1b" in sub.stdout
 
 
+def in_process(args: list[str], capsys: pytest.CaptureFixture, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The CLI's main() in this process (no interpreter start-up): exit status, stdout, stderr."""
+    from satrun.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    try:
+        code = main(args)
+    except SystemExit as exc:  # Hydra's --help ends with sys.exit(0)
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.mark.parametrize("command, says", [("plan", "from the model's shape alone"), ("bench", "side by side"),
                                            ("probe", "sensitivity"), ("train", "continual pre-training"),
                                            ("generate", "chat template")])
-def test_each_command_has_its_own_help(satrun, command: str, says: str) -> None:
-    result = satrun(command, "--help")
-    assert result.returncode == 0, result.stderr
-    first = result.stdout.splitlines()[0]
+def test_each_command_has_its_own_help(command: str, says: str, capsys, tmp_path: Path, monkeypatch) -> None:
+    code, out, err = in_process([command, "--help"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    first = out.splitlines()[0]
     assert first.startswith(f"satrun {command}:") and says in first
-    assert f"satrun {command} " in result.stdout.split("Examples:")[1]  # its own examples
+    assert f"satrun {command} " in out.split("Examples:")[1]  # its own examples
 
 
-def test_report_help_and_version(satrun) -> None:
-    report = satrun("report", "--help")
-    assert report.returncode == 0 and report.stdout.startswith("usage: satrun report PATH")
-    version = satrun("--version")
+def test_report_help_and_version(capsys, tmp_path: Path, monkeypatch) -> None:
+    code, out, _ = in_process(["report", "--help"], capsys, tmp_path, monkeypatch)
+    assert code == 0 and out.startswith("usage: satrun report PATH")
+    code, out, _ = in_process(["--version"], capsys, tmp_path, monkeypatch)
     from importlib.metadata import version as installed
 
-    assert version.returncode == 0 and version.stdout.startswith(f"satrun {installed('satrun')} (torch ")
+    assert code == 0 and out.startswith(f"satrun {installed('satrun')} (torch ")
 
 
-def test_train_help_lists_every_key_with_a_description(satrun) -> None:
+def test_train_help_lists_every_key_with_a_description(capsys, tmp_path: Path, monkeypatch) -> None:
     from satrun.cli.configs import keys
     from satrun.config import TrainConfig
 
-    result = satrun("train", "model=tiny", "--help")
-    assert result.returncode == 0, result.stderr
-    listed = {line.split("=", 1)[0].strip(): line for line in result.stdout.splitlines() if line.startswith("  ") and "=" in line}
+    code, out, err = in_process(["train", "model=tiny", "--help"], capsys, tmp_path, monkeypatch)
+    assert code == 0, err
+    listed = {line.split("=", 1)[0].strip(): line for line in out.splitlines() if line.startswith("  ") and "=" in line}
     for key, description in keys(TrainConfig):
         assert description, f"{key} has no description (end its line in the dataclass with a comment)"
         assert key in listed and description[:30] in listed[key], key
     assert listed["model.source"].split()[0] == "model.source=random"  # values as composed
 
 
-def test_every_key_is_settable_without_plus(satrun) -> None:
+def test_every_key_is_settable_without_plus(capsys, tmp_path: Path, monkeypatch) -> None:
     """The dataclasses are Hydra's schema: keys a group's file does not name still exist."""
-    result = satrun("train", "data=jsonl", "data.path=x.jsonl", "data.eval_fraction=0.1", "data.max_examples=5",
-                    "data.skip_invalid=true", "model.source=pretrained", "model.path=/models/x", "model.tokenizer=t",
-                    "scheduler=constant", "--cfg", "job")
-    assert result.returncode == 0, result.stderr
+    code, out, err = in_process(["train", "data=jsonl", "data.path=x.jsonl", "data.eval_fraction=0.1",
+                                 "data.max_examples=5", "data.skip_invalid=true", "model.source=pretrained",
+                                 "model.path=/models/x", "model.tokenizer=t", "scheduler=constant", "--cfg", "job"],
+                                capsys, tmp_path, monkeypatch)
+    assert code == 0, err
     for text in ("eval_fraction: 0.1", "max_examples: 5", "skip_invalid: true", "path: /models/x", "tokenizer: t"):
-        assert text in result.stdout
-    wrong = satrun("train", "trainer.max_steps=many", "--cfg", "job")
-    assert wrong.returncode == 2 and "trainer.max_steps" in wrong.stderr
+        assert text in out
+    code, _, err = in_process(["train", "trainer.max_steps=many", "--cfg", "job"], capsys, tmp_path, monkeypatch)
+    assert code == 2 and "trainer.max_steps" in err

@@ -276,14 +276,22 @@ def _quiet_libraries() -> None:
 
 
 def entry() -> None:
+    code = 1
     try:
         code = main()
     except BrokenPipeError:  # output piped into a reader that stopped early (e.g. head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
+    except KeyboardInterrupt:  # Ctrl-C before main could take it (e.g. while Python imports)
+        print("satrun: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
+        code = 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        if code != 130:  # after a Ctrl-C torch may be half imported: leave it alone
+            _leave_process_group()
     sys.exit(code)
+
+
+def _leave_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -37,8 +37,7 @@ def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
     staging: Path | None = None
     if main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(".*.tmp-*"):  # left by a crash during an earlier write
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes should not be
     staging = distributed.from_main(staging)
@@ -68,6 +67,12 @@ def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the staging folders a crash or kill during an earlier write left in ``folder``."""
+    for stale in folder.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _umask() -> int:
