@@ -41,12 +41,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_exits_2_with_one_line(satrun, tmp_path: Path, case: str) -> None:
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, case: str, capsys, monkeypatch) -> None:
+    from tests.cli.test_train import in_process  # the CLI's main() without an interpreter start-up each
+
     make_args, expected = CASES[case]
-    result = satrun("train", *TINY, *make_args(tmp_path), "hydra.run.dir=run")
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("satrun train: error:"), result.stderr
+    code, out, err = in_process(["train", *TINY, *make_args(tmp_path), "hydra.run.dir=run"], capsys, tmp_path, monkeypatch)
+    assert code == 2, (out, err)
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]  # not log lines
+    assert len(errors) == 1 and errors[0].startswith("satrun train: error:"), err
     assert expected in errors[0]
     assert not (tmp_path / "run" / "final").exists()
 
