@@ -120,7 +120,8 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         raise UsageError(f"{folder}: no .safetensors weights to load")
     # named_parameters() lists a tied parameter once, under the name the checkpoint keeps.
     state = {name: p.detach() for name, p in model.named_parameters()}
-    state.update({name: b for name, b in model.named_buffers() if name in model.state_dict()})
+    persistent = model.state_dict().keys()  # once: buffers the checkpoint holds (not e.g. rotary frequencies)
+    state.update({name: b for name, b in model.named_buffers() if name in persistent})
     reader = dcp.HuggingFaceStorageReader(str(folder))
     try:
         stored = set(reader.read_metadata().state_dict_metadata)
