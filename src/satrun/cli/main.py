@@ -286,12 +286,22 @@ def entry() -> None:
         print("satrun: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
         code = 130
     finally:
-        if code != 130:  # after a Ctrl-C torch may be half imported: leave it alone
-            _leave_process_group()
+        _leave_process_group()
+    if code == 130:
+        # A Ctrl-C that lands inside code a library runs through PyRun_String leaves CPython
+        # marked "killed by SIGINT", and sys.exit would then end the process by the signal
+        # (status -2) rather than 130. Loggers and checkpoints are closed by now: leave directly.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
 def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    try:
+        initialized = dist is not None and dist.is_available() and dist.is_initialized()
+    except Exception:  # a Ctrl-C while torch imported leaves it half-initialized: nothing to leave
+        return
+    if initialized:
         dist.destroy_process_group()
