@@ -22,7 +22,7 @@ DEFAULTS = {
     for entry in yaml.safe_load((CONF / "train.yaml").read_text(encoding="utf-8"))["defaults"]
     if isinstance(entry, dict)
     for k, v in entry.items()
-}  # calibration: ${model} (the chosen model's calibration file, where it has one)
+}  # calibration: ${model}_${scheduler} (the chosen model's calibration file for the schedule, where it has one)
 NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups whose option sets `name`
 
 
@@ -53,7 +53,10 @@ def test_options_are_discovered():
     assert ("model", "tiny") in OPTIONS and ("data", "chatterbot") in OPTIONS and ("mode", "sft") in OPTIONS
     assert set(DEFAULTS) == groups
     assert all((g, o) in OPTIONS for g, o in DEFAULTS.items() if g != "calibration")
-    assert DEFAULTS["calibration"] == "${model}" and ("calibration", DEFAULTS["model"]) in OPTIONS
+    # a model's measured rates for the chosen schedule, where they exist (dense has none)
+    assert DEFAULTS["calibration"] == "${model}_${scheduler}"
+    assert ("calibration", f"{DEFAULTS['model']}_{DEFAULTS['scheduler']}") in OPTIONS
+    assert ("calibration", f"{DEFAULTS['model']}_dense") not in OPTIONS
 
 
 def test_default_config_composes(compose):
@@ -169,6 +172,8 @@ def test_wrong_types_are_rejected_naming_the_key(raw, key):
         ({"selector": {"name": "topk", "temperature": 2.0}}, "selector.temperature=2.0 does nothing with selector=topk"),
         ({"metric": {"name": "wanda", "token_stride": 4}}, "metric.token_stride=4 does nothing with metric=wanda"),
         ({"launcher": {"name": "none", "nproc_per_node": 4}}, "launcher.nproc_per_node=4 does nothing"),
+        ({"scheduler": {"name": "dense", "rate": 0.3}}, "scheduler.rate=0.3 does nothing with scheduler=dense"),
+        ({"scheduler": {"name": "constant", "dense_fraction": 0.2}}, "scheduler.dense_fraction=0.2 does nothing"),
         ({"trainer": {"eval_every": -1}}, "trainer.eval_every"),
         ({"trainer": {"precision": "fp16"}}, "trainer.precision"),
         ({"trainer": {"progress": "spinner"}}, "trainer.progress"),

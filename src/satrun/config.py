@@ -92,7 +92,7 @@ class TrainerConfig:
     eval_every: int = 20  # 0: evaluate only at the start and the end
     eval_batches: int = 4  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
     log_every: int = 5  # a train record every N steps
-    save_every: int = 0  # checkpoint every N steps into checkpoints/step_N (0: only the final model)
+    save_every: int = 0  # checkpoint every N steps and at the last into checkpoints/step_N (0: only the final model)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
@@ -268,6 +268,8 @@ _IGNORED = {
     ("metric", "magnitude"): ("token_stride",),
     ("metric", "wanda"): ("token_stride",),
     ("launcher", "none"): ("nproc_per_node",),
+    ("scheduler", "constant"): ("sparse_fraction", "ladder_steps", "dense_fraction"),
+    ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale"),
 }
 
 

@@ -11,18 +11,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str = "", legend_size: float = 9) -> Path:
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str = "", legend_size: float = 9,
+          legend_outside: bool = False) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    handles = ax.get_legend_handles_labels()[0]
+    if handles and legend_outside:  # many entries: beside the axes, never over the curves
+        ax.legend(fontsize=legend_size, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  ncol=1 + (len(handles) - 1) // 30)
+    elif handles:
         ax.legend(fontsize=legend_size)
-    fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def run_colors(count: int) -> list[Any]:
+    """One colour per run, no two alike: matplotlib's 10 (or 20) qualitative colours while they
+    suffice, else evenly spaced samples of a perceptually ordered map."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    if count <= 20:
+        return [plt.get_cmap("tab20")(i) for i in range(count)]
+    cmap = plt.get_cmap("turbo")
+    return [cmap(0.05 + 0.9 * i / (count - 1)) for i in range(count)]
 
 
 def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satrun bench") -> Path:
@@ -40,15 +55,16 @@ def speedup_plot(rows: Sequence[dict[str, Any]], path: Path, title: str = "satru
 
 
 def loss_curves_plot(runs: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path:
-    """Train loss (lines) and held-out loss (markers) against the step, one colour per run."""
+    """Train loss (lines) and held-out loss (markers) against the step, one colour per run;
+    beyond six runs the legend goes beside the plot."""
+    many = len(runs) > 6
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for i, (label, found) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+    for color, (label, found) in zip(run_colors(len(runs)), runs.items()):
         if found["train"]:
-            ax.plot(*zip(*found["train"]), color=color, label=label)
+            ax.plot(*zip(*found["train"]), color=color, label=label, linewidth=1.0 if many else 1.5)
         if found["eval"]:
-            ax.plot(*zip(*found["eval"]), "o--", color=color, alpha=0.6, markersize=4)
-    return _save(fig, ax, path, "step", "loss (line: train, dots: held-out)", legend_size=7)
+            ax.plot(*zip(*found["eval"]), "o--", color=color, alpha=0.6, markersize=3 if many else 4)
+    return _save(fig, ax, path, "step", "loss (line: train, dots: held-out)", legend_size=7, legend_outside=many)
 
 
 def throughput_plot(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -68,8 +84,9 @@ def probe_plot(result: dict[str, Any], path: Path, title: str = "satrun probe") 
     """Sub-network loss against the ideal speed-up, one line per metric (and the calibrated point)."""
     fig, ax = plt.subplots(figsize=(5.6, 4), dpi=120)
     speedups = [1.0] + list(result["ideal_speedups"])
+    colors = run_colors(len(result["loss"]))
     for i, (name, losses) in enumerate(result["loss"].items()):
-        ax.plot(speedups, [result["dense_loss"]] + list(losses), "-o", color=f"C{i % 10}", markersize=4, label=name)
+        ax.plot(speedups, [result["dense_loss"]] + list(losses), "-o", color=colors[i], markersize=4, label=name)
     calibration = result.get("calibration")
     if calibration:
         ax.plot([calibration["ideal_speedup"]], [calibration["calibrated_loss"]], "*", color="black", markersize=12,

@@ -85,7 +85,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
     try:
         summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
-                        hooks=[sparsity], resume=resume, logger=logger, fill=fill, settings=settings)
+                        hooks=[sparsity], resume=resume, logger=logger, fill=fill, settings=settings,
+                        launched=started)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     overhead = sparsity.overhead_by_stage()
@@ -100,9 +101,13 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         save_hf_folder(model, tokenizer, run_dir / "final")  # FSDP2: every rank writes its shards
     except DiskFull as exc:
         found = checkpoint.checkpoints_in(run_dir / "checkpoints")
-        raise DiskFull(f"{exc}; final/ was not written, the steps after the last intact checkpoint are lost "
-                       f"(last intact checkpoint: {found[-1] if found else 'none'})") from None
-    summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=time.perf_counter() - started,
+        if found and found[-1].name == f"step_{summary['steps']}":  # the loop saved the last step (save_every)
+            raise DiskFull(f"{exc}; final/ was not written, no training is lost: last intact checkpoint: {found[-1]} "
+                           f"(the last step); free space, then write final/ with: {_continue_command(run_dir)}") from None
+        raise DiskFull(f"{exc}; final/ was not written and, with trainer.save_every=0, the steps after the last "
+                       f"intact checkpoint are lost (last intact checkpoint: {found[-1] if found else 'none'})") from None
+    earlier_s = resume["run"].get("wall_s", 0.0) if resume else 0.0  # the launches before this one
+    summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=earlier_s + time.perf_counter() - started,
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
     if world.main:
@@ -359,7 +364,7 @@ def _sat_overrides(cfg: TrainConfig) -> str:
 
 def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
     """A calibration config file: the mean MLP rate and each layer's share of it, for the
-    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>.yaml)."""
+    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>_<scheduler>.yaml)."""
     mean = sum(layer_rates) / len(layer_rates)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# @package scheduler",

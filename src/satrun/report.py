@@ -97,10 +97,20 @@ def write_report(runs: Sequence[Path], out_dir: Path) -> tuple[list[dict[str, An
         writer = csv.DictWriter(handle, fieldnames=COLUMNS + stage_columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    labels = {str(run): row["overrides"] or row["job"] for run, row in zip(runs, rows)}
-    losses = loss_curves_plot({labels[str(run)]: curves(run) for run in runs}, out_dir / "loss_curves.png")
+    labels = distinct_labels(rows)
+    losses = loss_curves_plot({label: curves(run) for label, run in zip(labels, runs)}, out_dir / "loss_curves.png")
     speed = throughput_plot([row for row in rows if row["status"] == "ok"], out_dir / "throughput_vs_rate.png")
     return rows, [table, losses, speed]
+
+
+def distinct_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Each run's legend label: the overrides that tell it from the other runs (those all runs
+    share say nothing), else its job name; a label two runs would share gets the job name too."""
+    overrides = [row["overrides"].split() for row in rows]
+    shared = set.intersection(*map(set, overrides)) if len(rows) > 1 else set()
+    labels = [" ".join(o for o in own if o not in shared) or row["job"] for own, row in zip(overrides, rows)]
+    return [f"{row['job']}: {label}" if labels.count(label) > 1 and label != row["job"] else label
+            for label, row in zip(labels, rows)]
 
 
 def print_report(rows: Sequence[dict[str, Any]]) -> None:

@@ -16,12 +16,15 @@ FIELDS = {"name", "rate", "tokens_per_step", "tokens_per_s", "speedup", "speedup
 
 def test_bench_rows(satrun, tmp_path: Path) -> None:
     result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=3",
-                    "bench.rates=[0.5]", "hydra.run.dir=bench")
+                    "bench.rates=[0.01,0.5]", "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
-    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
+    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.01", "rate 0.5"]
     assert all(FIELDS <= set(r) for r in rows)
-    dense, sparse = rows[1], rows[2]
+    dense, barely, sparse = rows[1], rows[2], rows[3]
+    # an ideal gain within 2% of none: (measured - 1) / (ideal - 1) would be noise over noise
+    assert barely["ideal_speedup"] < 1.02 and barely["efficiency"] is None
+    assert [line.split("│")[6].strip() for line in result.stdout.splitlines() if "rate 0.01" in line] == ["-"]
     assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
     assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
     assert all(r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"]) for r in rows)

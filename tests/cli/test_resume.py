@@ -15,7 +15,8 @@ import pytest
 from tests.cli.conftest import TINY, read_jsonl
 
 # 12 steps of the default ladder: sparse steps 0-5, ladder 6-9, dense 10-11; checkpoints at 5 and 10.
-SHORT = [*TINY, "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=5"]
+SHORT = [*TINY, "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=5",
+         "trainer.keep_checkpoints=3"]  # steps 5, 10 and the last, 12
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -30,7 +31,7 @@ def _final_eval(run: Path) -> float:
 def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: Path, scheduler: str) -> None:
     full = satrun("train", *SHORT, f"scheduler={scheduler}", "hydra.run.dir=full")
     assert full.returncode == 0, full.stderr
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_10", "step_5"]
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_10", "step_12", "step_5"]
     resumed = satrun("train", *SHORT, f"scheduler={scheduler}", "resume=full/checkpoints/step_5", "hydra.run.dir=resumed")
     assert resumed.returncode == 0, resumed.stderr
     full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
@@ -46,25 +47,25 @@ def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(sat
     full = satrun("train", *SHORT, "scheduler=dense", "hydra.run.dir=run")
     assert full.returncode == 0, full.stderr
     steps = tmp_path / "run" / "checkpoints"
-    assert json.loads((steps / "step_10" / "manifest.json").read_text())["files"]["training_state.pt"] > 0
-    weights = steps / "step_10" / "model.safetensors"
+    assert json.loads((steps / "step_12" / "manifest.json").read_text())["files"]["training_state.pt"] > 0
+    weights = steps / "step_12" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
-    named = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_10", "hydra.run.dir=other")
+    named = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_12", "hydra.run.dir=other")
     errors = [line for line in named.stderr.splitlines() if line.strip()]
     assert named.returncode == 2 and len(errors) == 1, named.stderr
-    assert "step_10 is damaged: model.safetensors has 1000 bytes of the" in errors[0]
+    assert "step_12 is damaged: model.safetensors has 1000 bytes of the" in errors[0]
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "final")  # as if killed before the end
     (tmp_path / "run" / "summary.json").unlink()
     auto = satrun("train", *SHORT, "scheduler=dense", "resume=auto", "hydra.run.dir=run")
     assert auto.returncode == 0, auto.stderr
-    assert "resume=auto: skipping" in auto.stdout + auto.stderr and "step_10" in auto.stdout + auto.stderr
-    assert "resuming from" in auto.stdout + auto.stderr and "step_5" in auto.stdout + auto.stderr
-    state = steps / "step_5" / "training_state.pt"  # damaged in a way sizes cannot tell (no manifest)
-    (steps / "step_5" / "manifest.json").unlink()
+    assert "resume=auto: skipping" in auto.stdout + auto.stderr and "step_12" in auto.stdout + auto.stderr
+    assert "resuming from" in auto.stdout + auto.stderr and "step_10" in auto.stdout + auto.stderr
+    state = steps / "step_10" / "training_state.pt"  # damaged in a way sizes cannot tell (no manifest)
+    (steps / "step_10" / "manifest.json").unlink()
     state.write_bytes(b"\0" * state.stat().st_size)
-    unreadable = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_5", "hydra.run.dir=third")
+    unreadable = satrun("train", *SHORT, "scheduler=dense", "resume=run/checkpoints/step_10", "hydra.run.dir=third")
     assert unreadable.returncode == 2 and "training_state.pt cannot be read" in unreadable.stderr
     assert len([line for line in unreadable.stderr.splitlines() if line.strip()]) == 1
 
@@ -179,13 +180,14 @@ def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(satrun, tmp_path: Path, small_disk: Path,
                                                                    when: str) -> None:
     # the tiny model's checkpoint takes about 40 MB: one fits, a second (or final/ beside it) does not
-    save = ["trainer.save_every=5"] if when == "checkpoint" else ["trainer.save_every=8", "trainer.keep_checkpoints=1"]
+    # final: the last step (12) is checkpointed before final/ is written, and final/ no longer fits beside it
+    save = ["trainer.save_every=5"] if when == "checkpoint" else ["trainer.save_every=12"]
     result = satrun("train", *SHORT, *save, f"hydra.run.dir={small_disk / 'run'}")
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
     assert "no space left on the device" in errors[0] and "last intact checkpoint" in errors[0]
-    kept = small_disk / "run" / "checkpoints" / ("step_5" if when == "checkpoint" else "step_8")
+    kept = small_disk / "run" / "checkpoints" / ("step_5" if when == "checkpoint" else "step_12")
     assert str(kept) in errors[0] and (kept / "manifest.json").is_file()
     if when == "final":
-        assert "final/ was not written" in errors[0]
+        assert "final/ was not written, no training is lost" in errors[0] and "resume=auto" in errors[0]
     assert not list((small_disk / "run").rglob(".*.tmp-*"))  # nothing half-written left behind

@@ -42,13 +42,17 @@ def check_final_model(final: Path) -> None:
     assert out.shape[1] == prompt["input_ids"].shape[1] + 5
 
 
-def test_cpt_run_writes_complete_run_folder(satrun, tmp_path: Path) -> None:
-    result = satrun("train", *TINY, "trainer.save_every=6", "hydra.run.dir=run")
+def test_cpt_run_writes_complete_run_folder(tmp_path: Path) -> None:
+    from tests.cli.conftest import run_satrun
+
+    # as a user runs it: its own interpreter (the other tests mostly call the CLI in-process)
+    result = run_satrun(["train", *TINY, "trainer.save_every=6", "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_6"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_10", "step_6"]  # the last step too
     assert (run / "checkpoints" / "step_6" / "model.safetensors").is_file()
     assert str(run) in result.stdout + result.stderr  # the run folder is announced
+    assert "held-out blocks of 64 tokens" in result.stdout + result.stderr  # CPT counts packed blocks, not examples
     summary = check_run_folder(run, steps=10)
     # packed CPT: no padding; every token but the first of a block is predicted
     assert summary["tokens"] == 10 * 4 * 63 and summary["padded_tokens"] == 10 * 4 * 64

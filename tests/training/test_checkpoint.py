@@ -91,3 +91,20 @@ def test_report_skips_a_torn_last_line(tmp_path: Path) -> None:
 
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.5}\n{"kind": "tra', encoding="utf-8")
     assert curves(tmp_path) == {"train": [(1, 2.5)], "eval": []}
+
+
+def test_a_shared_folder_keeps_what_another_process_finished_first(tmp_path: Path) -> None:
+    """The packaged model's conversion into the user's cache: two runs may convert at once."""
+    from satrun.training.saving import staged_folder
+
+    others = tmp_path / ".model.tmp-other"  # another process still writing
+    others.mkdir()
+    with staged_folder(tmp_path / "model", shared=True) as staging:
+        (staging / "weights").write_text("ours")
+        (tmp_path / "model").mkdir()  # the other process renames its folder in first
+        (tmp_path / "model" / "weights").write_text("theirs")
+    assert (tmp_path / "model" / "weights").read_text() == "theirs"
+    assert others.exists() and sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-other", "model"]
+    with staged_folder(tmp_path / "fresh", shared=True) as staging:
+        (staging / "weights").write_text("ours")
+    assert (tmp_path / "fresh" / "weights").read_text() == "ours"

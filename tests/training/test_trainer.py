@@ -52,3 +52,36 @@ def test_hook_fields_reach_records_and_stage_changes_split_records(tmp_path: Pat
     train_records = [(r["step"], r["stage"]) for r in records if r["kind"] == "train"]
     assert train_records == [(3, "a"), (4, "b"), (6, "b")]  # a record never spans two stages
     assert [(s["name"], s["steps"]) for s in summary["stages"]] == [("a", 3), ("b", 3)]
+
+
+def test_the_last_step_is_checkpointed_and_a_resume_from_it_only_finishes(tmp_path: Path) -> None:
+    """With save_every the last step is saved before the caller writes final/: a failed final
+    write loses no training. Resuming from that checkpoint trains and evaluates nothing more,
+    and the time of both launches adds up."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from satrun.training import checkpoint
+
+    model_cfg = ModelConfig(name="tiny", source="random")
+    tokenizer = load_tokenizer(model_cfg)
+    corpus = build_corpus(DataConfig(), "cpt", tokenizer, 32, 2, 0)
+    trainer = TrainerConfig(max_steps=6, seq_len=32, micro_batch_size=2, log_every=2, eval_every=3, eval_batches=1,
+                            save_every=4, device="cpu")
+
+    def save_model(folder: Path) -> None:
+        model.save_pretrained(folder)
+
+    model = load_model(model_cfg, tokenizer)
+    first = train(model, corpus, trainer, OptimConfig(), tmp_path, LogDisplay(), save_model=save_model)
+    assert [p.name for p in checkpoint.checkpoints_in(tmp_path / "checkpoints")] == ["step_4", "step_6"]
+    records = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    last = tmp_path / "checkpoints" / "step_6"
+    model = AutoModelForCausalLM.from_pretrained(last)
+    again = train(model, corpus, trainer, OptimConfig(), tmp_path, LogDisplay(), save_model=save_model,
+                  resume=checkpoint.load_state(last))
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records  # no step, no evaluation repeated
+    assert [json.loads(r)["step"] for r in records if json.loads(r)["kind"] == "eval"] == [0, 3, 6]
+    assert again["eval_loss"] == first["eval_loss"] and again["steps"] == 6 and again["train_s"] == first["train_s"]
+    assert again["wall_s"] > checkpoint.load_state(last)["run"]["wall_s"] > 0

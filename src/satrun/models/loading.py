@@ -29,6 +29,20 @@ def _missing(cfg: ModelConfig, what: str, exc: Exception) -> UsageError:
     return UsageError(f"cannot load {what} of model={cfg.name} from {path!r}: {hint} ({type(exc).__name__})")
 
 
+def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    """The transformers config of the sizes in ``cfg`` (the one place model.* sizes are read)."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the model, with a pad token (EOS when it has none)."""
     source = cfg.tokenizer if cfg.source == "random" and cfg.tokenizer else None
@@ -56,19 +70,9 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, empty: bool
                 f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens "
                 "(set model.vocab_size=null to use the tokenizer's)"
             )
-        config = LlamaConfig(
-            vocab_size=cfg.vocab_size or len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=cfg.max_position_embeddings,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=cfg.tie_word_embeddings,
-        )
+        config = llama_config(cfg, cfg.vocab_size or len(tokenizer))
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = (
+            tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
         with _parameters_on_meta(empty):
             model = LlamaForCausalLM(config)
         return _tied(model) if empty else model

@@ -11,8 +11,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from satrun.errors import UsageError
@@ -41,23 +39,19 @@ def gguf_folder() -> Path:
 
 
 def packaged_model_dir() -> Path:
-    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use."""
+    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use
+    (under torch.distributed every rank calls it, and the first rank alone converts)."""
+    from satrun.training import distributed
+    from satrun.training.saving import staged_folder
+
     target = cache_root() / "smollm2-135m-instruct"
-    if (target / "config.json").exists():
+    if distributed.from_main((target / "config.json").exists()):
         return target
     source = gguf_folder()
     logging.getLogger("satrun").info("converting the packaged SmolLM2 GGUF once into %s (about 30 s)", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        _convert(source, staging)
-        try:
-            staging.rename(target)
-        except OSError:  # another process finished first; its folder is as good as ours
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_folder(target, shared=True) as staging:
+        if distributed.current().main:
+            _convert(source, staging)
     return target
 
 

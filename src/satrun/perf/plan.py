@@ -27,16 +27,9 @@ def shape_of(model_cfg: Any) -> Shape:
         return Shape.from_config(AutoConfig.from_pretrained(path))
     if not model_cfg.vocab_size:
         raise UsageError(f"model={model_cfg.name}: its sizes are unknown; set model.vocab_size (and the other sizes)")
-    return Shape(
-        hidden=model_cfg.hidden_size,
-        intermediate=model_cfg.intermediate_size,
-        layers=model_cfg.num_layers,
-        heads=model_cfg.num_heads,
-        kv_heads=model_cfg.num_kv_heads,
-        head_dim=model_cfg.hidden_size // model_cfg.num_heads,
-        vocab=model_cfg.vocab_size,
-        tied=model_cfg.tie_word_embeddings,
-    )
+    from satrun.models.loading import llama_config
+
+    return Shape.from_config(llama_config(model_cfg, model_cfg.vocab_size))
 
 
 def parameters(shape: Shape) -> int:

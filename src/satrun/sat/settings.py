@@ -40,7 +40,7 @@ class SchedulerConfig:
     ``layer_scale`` spreads the MLP rate over the decoder layers: layer l omits
     ``rate * layer_scale[l]`` (one value per layer, mean 1 keeps ``rate`` the mean rate; 0 keeps
     a layer dense); ladder rungs scale every layer alike. ``satrun probe`` calibrates it from
-    measured sensitivities; conf/calibration/<model>.yaml holds a model's calibration.
+    measured sensitivities; conf/calibration/<model>_<scheduler>.yaml holds a model's calibration.
     """
 
     name: str = "ladder"  # dense | constant | ladder

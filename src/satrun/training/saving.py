@@ -27,17 +27,20 @@ MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
-def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
+def staged_folder(target: Path, manifest: bool = False, shared: bool = False) -> Iterator[Path]:
     """Every rank enters it and gets the same staging folder beside ``target`` to write into;
     when all have left it without an error, the folder replaces ``target`` (by renames only,
     so an older ``target`` is never half-deleted). On an error the staging folder is removed.
     ``manifest``: the first rank adds ``manifest.json`` (every file's size) last, so that a
-    reader can tell a complete folder from a damaged one (:func:`damage`)."""
+    reader can tell a complete folder from a damaged one (:func:`damage`).
+    ``shared``: other processes may write into the same parent (a cache): their staging folders
+    are left alone, and a ``target`` one of them finished meanwhile is kept rather than replaced."""
     main = distributed.current().main
     staging: Path | None = None
     if main:
         target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(target.parent)
+        if not shared:
+            remove_stale(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes should not be
     staging = distributed.from_main(staging)
@@ -56,7 +59,7 @@ def staged_folder(target: Path, manifest: bool = False) -> Iterator[Path]:
                 raise DiskFull(f"no space left on the device of {target.parent} writing {target.name} "
                                f"(wrote {_size(staging)} bytes{_needed(target)}, {shutil.disk_usage(staging).free} free)") from exc
             raise
-        if main:
+        if main and not (shared and target.exists()):
             old = staging.with_name(f"{staging.name}-old")
             if target.exists():
                 target.rename(old)

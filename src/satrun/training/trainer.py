@@ -88,6 +88,7 @@ class RunState:
     tokens: int = 0
     padded_tokens: int = 0
     train_s: float = 0.0
+    wall_s: float = 0.0  # wall-clock time of the launches so far, each up to its last checkpoint
     train_loss: float = float("nan")
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     step_log: list[tuple[str, float, int]] = field(default_factory=list)  # (stage, seconds, tokens) per step
@@ -121,6 +122,7 @@ def train(
     logger: Optional[Logger] = None,
     fill: Optional[Callable[[torch.nn.Module], None]] = None,
     settings: Optional[dict[str, Any]] = None,
+    launched: Optional[float] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
@@ -135,7 +137,10 @@ def train(
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
     per-stage report. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
-    caller to compare on resume.
+    caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
+    default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
+    With ``trainer.save_every`` the last step is checkpointed too, before the caller writes the
+    final model, so a failed final write loses no training.
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
@@ -147,7 +152,8 @@ def train(
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
     logger = logger or JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
     run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
-              runtime.autocast(device, dtype), device, world.size, save_model, settings or {})
+              runtime.autocast(device, dtype), device, world.size, save_model, settings or {},
+              launched if launched is not None else time.perf_counter())
     if resume is not None:
         run.restore(resume)
     state = run.state
@@ -177,7 +183,10 @@ def train(
                     run.stop(stop[0] if stop else signal.SIGTERM)  # SIGTERM: a rank the signal did not reach
                 if trainer.save_every and state.step % trainer.save_every == 0 and not last:
                     run.checkpoint()
-            run.evaluate()
+            if not run.evaluated_last():  # a resume from the last step's checkpoint has it
+                run.evaluate()
+                if trainer.save_every:
+                    run.checkpoint()
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
@@ -225,9 +234,11 @@ class Run:
     ranks: int
     save_model: Optional[Callable[[Path], Any]]
     settings: dict[str, Any]
+    launched: float
     state: RunState = field(default_factory=RunState)
     interval: Interval = field(init=False)
     last_checkpoint: Optional[Path] = None
+    earlier_wall_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.interval = Interval(loss=torch.zeros((), device=self.device))
@@ -237,7 +248,15 @@ class Run:
         checkpoint.restore(self.model, self.optimizer, resume)
         self.stream.load_state_dict(resume["data"])
         self.state = RunState(**resume["run"])
+        self.earlier_wall_s = self.state.wall_s
         checkpoint.restore_rng(resume["rng"])
+
+    def wall_s(self) -> float:
+        return self.earlier_wall_s + time.perf_counter() - self.launched
+
+    def evaluated_last(self) -> bool:
+        history = self.state.eval_history
+        return bool(history) and history[-1]["step"] == self.state.step and self.state.step > 0
 
     def evaluate(self) -> None:
         loss = evaluate(self.objective, self.held_out, self.amp)
@@ -306,6 +325,7 @@ class Run:
     def checkpoint(self) -> Path:
         if self.interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
             self.log()
+        self.state.wall_s = self.wall_s()
         training_state = {"run": asdict(self.state), "data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
                           "settings": self.settings}
         try:
@@ -337,6 +357,7 @@ class Run:
             "eval_ppl": state.eval_history[-1]["eval_ppl"],
             "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
             "train_s": state.train_s,
+            "wall_s": self.wall_s(),
             "stages": stage_summary(state.step_log, state.stage_fields),
             "peak_mem_bytes": runtime.peak_memory_bytes(self.device),
             "device": str(self.device),
