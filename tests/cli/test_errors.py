@@ -104,3 +104,26 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
                             env={k: v for k, v in os.environ.items() if k != "SATRUN_DEBUG"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 130 and len(lines) == 1 and "stopped by Ctrl-C" in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", [["model=tinyllama-1.1b", "model.path=some-org/some-model"],
+                                   ["data=hub", "data.path=some-org/some-dataset"]])
+def test_an_unreachable_hub_fails_at_once_in_one_line(where: list[str], satrun, monkeypatch) -> None:
+    """No retries for a minute, no warning per attempt: the hub is asked once, then the cache."""
+    import time
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    from satrun import hub
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test: it goes offline
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_checked", {})
+    started = time.monotonic()
+    result = satrun("train", *TINY, *where, "hydra.run.dir=run")
+    assert result.returncode == 2 and time.monotonic() - started < 20  # the retries took 45 s
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[")]
+    assert len(errors) == 1 and "http://127.0.0.1:9 cannot be reached" in errors[0], result.stderr[-2000:]
+    assert "Retrying" not in result.stdout + result.stderr

@@ -11,6 +11,7 @@ from satrun.training import checkpoint
 
 def _write_model(folder: Path) -> None:
     (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "model.safetensors").chmod(0o600)  # as transformers' save leaves it (a temporary file renamed)
 
 
 MODEL = torch.nn.Linear(2, 2)
@@ -84,6 +85,7 @@ def test_written_folders_follow_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(previous)
     assert folder.stat().st_mode & 0o777 == 0o750  # not mkdtemp's private 0700
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o640
 
 
 def test_report_skips_a_torn_last_line(tmp_path: Path) -> None:

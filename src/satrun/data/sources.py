@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 
 import datasets
 
+from satrun import hub
 from satrun.config import DataConfig
 from satrun.errors import UsageError
 
@@ -97,7 +98,13 @@ def _load_user_data(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, Optio
     any, are then already known by line: see :func:`check_jsonl`)."""
     try:
         if cfg.format == "hub":
-            return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split), None
+            offline = hub.prepare(cfg.path)
+            try:
+                return datasets.load_dataset(cfg.path, cfg.hub_config, split=cfg.split), None
+            except Exception as exc:
+                if offline:
+                    raise UsageError(f"cannot read data={cfg.name} from {cfg.path!r}: {offline}") from exc
+                raise
         files = _files(cfg)
         if all(Path(f).stat().st_size == 0 for f in files):
             raise UsageError(f"data={cfg.name} is empty ({cfg.path})")

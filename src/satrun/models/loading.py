@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaC
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from satrun.config import ModelConfig
+from satrun import hub
 from satrun.errors import UsageError
 from satrun.models.packaged import packaged_model_dir
 
@@ -23,10 +24,11 @@ def _location(cfg: ModelConfig) -> str:
     return cfg.path
 
 
-def _missing(cfg: ModelConfig, what: str, exc: Exception) -> UsageError:
-    path = cfg.path
-    hint = "set model.path to a local Hugging Face folder (or a hub id where a hub is reachable)"
-    return UsageError(f"cannot load {what} of model={cfg.name} from {path!r}: {hint} ({type(exc).__name__})")
+def _missing(cfg: ModelConfig, what: str, location: str, exc: Exception) -> UsageError:
+    why = hub.prepare(location) or type(exc).__name__
+    key = "model.tokenizer" if location == cfg.tokenizer else "model.path"
+    return UsageError(f"cannot load {what} of model={cfg.name} from {location!r} ({why}): "
+                      f"set {key} to a local Hugging Face folder, or a hub id where the hub is reachable")
 
 
 def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
@@ -47,10 +49,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of the model, with a pad token (EOS when it has none)."""
     source = cfg.tokenizer if cfg.source == "random" and cfg.tokenizer else None
     location = source or (str(packaged_model_dir()) if cfg.source == "random" else _location(cfg))
+    hub.prepare(location)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError) as exc:
-        raise _missing(cfg, "the tokenizer", exc) from exc
+        raise _missing(cfg, "the tokenizer", location, exc) from exc
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer of model={cfg.name} has no EOS token; CPT packing needs one")
     if tokenizer.pad_token_id is None:
@@ -76,15 +79,17 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, empty: bool
         with _parameters_on_meta(empty):
             model = LlamaForCausalLM(config)
         return _tied(model) if empty else model
+    location = _location(cfg)
+    hub.prepare(location)
     try:
         if empty:
-            config = AutoConfig.from_pretrained(_location(cfg))
+            config = AutoConfig.from_pretrained(location)
             with _parameters_on_meta(True):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
             return _tied(model)
-        return AutoModelForCausalLM.from_pretrained(_location(cfg), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise _missing(cfg, "the weights", exc) from exc
+        raise _missing(cfg, "the weights", location, exc) from exc
 
 
 def weights_folder(cfg: ModelConfig) -> Optional[Path]:

@@ -53,6 +53,7 @@ def staged_folder(target: Path, manifest: bool = False, shared: bool = False) ->
                 if manifest:
                     sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
                     (staging / MANIFEST).write_text(json.dumps({"files": sizes}, indent=1) + "\n", encoding="utf-8")
+                _follow_umask(staging)
                 _sync_tree(staging)
         except Exception as exc:
             if main and _out_of_space(staging, exc):
@@ -82,6 +83,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _follow_umask(folder: Path) -> None:
+    """Modes as a plain write gives them: some writers (transformers' safetensors save) create
+    their files private (0600) through a temporary file, which others could then not read."""
+    mask = _umask()
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _out_of_space(folder: Path, exc: BaseException) -> bool:
