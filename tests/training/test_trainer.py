@@ -85,3 +85,24 @@ def test_the_last_step_is_checkpointed_and_a_resume_from_it_only_finishes(tmp_pa
     assert [json.loads(r)["step"] for r in records if json.loads(r)["kind"] == "eval"] == [0, 3, 6]
     assert again["eval_loss"] == first["eval_loss"] and again["steps"] == 6 and again["train_s"] == first["train_s"]
     assert again["wall_s"] > checkpoint.load_state(last)["run"]["wall_s"] > 0
+
+
+def test_a_first_signal_is_noted_and_a_second_ctrl_c_stops_at_once() -> None:
+    """The loop saves after the step in flight on the first Ctrl-C; a second one is a
+    KeyboardInterrupt (the CLI's one line and status 130). Handlers are restored after."""
+    import os
+    import signal
+    import time
+
+    from satrun.training.trainer import _stop_requests
+
+    before = signal.getsignal(signal.SIGINT)
+    with _stop_requests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. a launcher's, after the group's Ctrl-C: changes nothing
+        time.sleep(0.01)
+        assert stop == [signal.SIGINT]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+    assert signal.getsignal(signal.SIGINT) is before
