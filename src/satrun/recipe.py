@@ -421,7 +421,7 @@ def _attn_rate(cfg: TrainConfig) -> float:
 def _describe(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:
     if sparsity.sparsifier is None:
         return "SAT off: dense training (scheduler=dense)"
-    plan = ", ".join(f"{s.name} {s.steps} steps @ {s.mlp_rate:.2f}/{s.attn_rate:.2f}" for s in sparsity.stages)
+    plan = ", ".join(f"{s.name} {s.steps} step{'s' if s.steps != 1 else ''} @ {s.mlp_rate:.2f}/{s.attn_rate:.2f}" for s in sparsity.stages)
     text = f"SAT: metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"
     rungs = fitting_rungs(cfg.scheduler, cfg.trainer.max_steps)
     if cfg.scheduler.name == "ladder" and rungs < cfg.scheduler.ladder_steps:
