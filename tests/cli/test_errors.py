@@ -86,7 +86,8 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert proc.returncode == 130 and len(lines) == 1 and "stopped by Ctrl-C" in lines[0], (delay, stderr[-2000:])
+        # (on a fast machine the later moment may fall in the loop, whose line names SIGINT too)
+        assert proc.returncode == 130 and len(lines) == 1 and "SIGINT" in lines[0], (delay, stderr[-2000:])
 
 
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
