@@ -29,7 +29,7 @@ from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
 from satrun.training.loggers import Fanout, build_loggers
-from satrun.training.saving import remove_stale, save_hf_folder, write_hf_folder
+from satrun.training.saving import remove_stale, write_hf_folder
 from satrun.training.trainer import train
 
 
@@ -89,6 +89,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                         launched=started)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
+    except DiskFull as exc:
+        raise DiskFull(f"{exc}; once there is space, continue in this folder with: {_continue_command(run_dir)}") from None
     overhead = sparsity.overhead_by_stage()
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
     for stage in summary["stages"]:
@@ -97,15 +99,6 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    try:
-        save_hf_folder(model, tokenizer, run_dir / "final")  # FSDP2: every rank writes its shards
-    except DiskFull as exc:
-        found = checkpoint.checkpoints_in(run_dir / "checkpoints")
-        if found and found[-1].name == f"step_{summary['steps']}":  # the loop saved the last step (save_every)
-            raise DiskFull(f"{exc}; final/ was not written, no training is lost: last intact checkpoint: {found[-1]} "
-                           f"(the last step); free space, then write final/ with: {_continue_command(run_dir)}") from None
-        raise DiskFull(f"{exc}; final/ was not written and, with trainer.save_every=0, the steps after the last "
-                       f"intact checkpoint are lost (last intact checkpoint: {found[-1] if found else 'none'})") from None
     earlier_s = resume["run"].get("wall_s", 0.0) if resume else 0.0  # the launches before this one
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=earlier_s + time.perf_counter() - started,
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,

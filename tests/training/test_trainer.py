@@ -106,3 +106,25 @@ def test_a_first_signal_is_noted_and_a_second_ctrl_c_stops_at_once() -> None:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.5)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_failed_final_write_checkpoints_the_last_step_first(tmp_path: Path) -> None:
+    """Without trainer.save_every nothing was saved during the run: a final/ that cannot be
+    written leaves a checkpoint of the last step instead, so no training is lost."""
+    from satrun.training import checkpoint
+
+    model_cfg = ModelConfig(name="tiny", source="random")
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, tokenizer)
+    corpus = build_corpus(DataConfig(), "cpt", tokenizer, 32, 2, 0)
+
+    def save_model(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if folder.name.startswith(".final"):
+            raise OSError("the final write failed")
+
+    with pytest.raises(OSError, match="the final write failed"):
+        train(model, corpus, TrainerConfig(max_steps=3, seq_len=32, micro_batch_size=2, eval_batches=1, device="cpu"),
+              OptimConfig(), tmp_path, LogDisplay(), save_model=save_model)
+    assert [p.name for p in checkpoint.checkpoints_in(tmp_path / "checkpoints")] == ["step_3"]
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob(".final*"))

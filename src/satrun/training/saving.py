@@ -154,13 +154,6 @@ def write_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return folder
 
 
-def save_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> Path:
-    """A Hugging Face folder written atomically at ``target`` (every rank calls it)."""
-    with staged_folder(target) as staging:
-        write_hf_folder(model, tokenizer, staging)
-    return target
-
-
 def _sync_tree(folder: Path) -> None:
     """Flush every file and folder under ``folder`` to disk, so a rename never exposes unwritten data."""
     for root, _, files in os.walk(folder):

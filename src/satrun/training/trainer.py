@@ -25,6 +25,7 @@ from satrun.training.loggers import JsonLines, Logger
 from satrun.training.loss import CausalLMObjective
 from satrun.training.metrics import perplexity
 from satrun.training.optim import build_optimizer, lr_at
+from satrun.training.saving import staged_folder
 
 Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
@@ -130,8 +131,8 @@ def train(
     parameters their values where the caller built them empty (on the meta device, for an FSDP2
     start in which each rank fills only its shards). Every ``trainer.save_every`` steps, and
     when SIGINT or SIGTERM arrives, a checkpoint goes to ``run_dir/checkpoints/step_N``:
-    ``save_model(folder)`` writes the (unsharded) model into it, the loop adds its own state
-    (the final model is the caller's to save). ``resume`` is such a checkpoint's training state
+    ``save_model(folder)`` writes the (unsharded) model into it, the loop adds its own state;
+    at the end ``save_model`` writes ``run_dir/final`` (:meth:`Run.write_final`). ``resume`` is such a checkpoint's training state
     (:func:`checkpoint.load_state`; the caller has loaded unsharded weights): the run continues
     exactly where it stopped. Each hook is called before every step with the step number; the
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
@@ -139,8 +140,8 @@ def train(
     ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
     caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
     default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
-    With ``trainer.save_every`` the last step is checkpointed too, before the caller writes the
-    final model, so a failed final write loses no training.
+    With ``trainer.save_every`` the last step is checkpointed too, before ``final/``; without it,
+    a failed final write checkpoints the last step then, so it loses no training either.
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
@@ -187,6 +188,7 @@ def train(
                 run.evaluate()
                 if trainer.save_every:
                     run.checkpoint()
+            run.write_final()
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
@@ -337,6 +339,29 @@ class Run:
         self.display.message(f"checkpoint: {folder}")
         self.last_checkpoint = folder
         return folder
+
+    def write_final(self) -> None:
+        """``final/`` through ``save_model``, complete or absent. Should writing it fail, the
+        last step is checkpointed first (where it is not yet), so no training is lost; on a full
+        disk that may fail too, and the one line then says what was kept."""
+        if self.save_model is None:
+            return
+        try:
+            with staged_folder(self.run_dir / "final") as staging:
+                self.save_model(staging)
+        except Exception as exc:
+            last = f"step_{self.state.step}"
+            kept = _newest(self.run_dir)
+            if kept is None or kept.name != last:
+                with contextlib.suppress(Exception):
+                    kept = self.checkpoint()
+            if not isinstance(exc, DiskFull):
+                raise
+            if kept is not None and kept.name == last:
+                raise DiskFull(f"{exc}; final/ was not written, no training is lost: last intact checkpoint: {kept} "
+                               "(the last step)") from None
+            raise DiskFull(f"{exc}; final/ was not written, nor a checkpoint of the last step: the steps after the "
+                           f"last intact checkpoint are lost (last intact checkpoint: {kept or 'none'})") from None
 
     def stop(self, number: int) -> None:
         """A signal arrived: save, then stop with its exit status."""
