@@ -34,4 +34,6 @@ def test_labels_keep_only_what_tells_runs_apart(tmp_path: Path) -> None:
     assert len(set(labels)) == 24 and all(path.stat().st_size > 0 for path in files)
     same = [dict(rows[0], job="a"), dict(rows[0], job="b")]  # identical overrides: the job names tell them apart
     assert distinct_labels(same) == ["a", "b"]
+    two_sweeps = [dict(rows[0], run_dir="/x/sweepA/0"), dict(rows[0], run_dir="/x/sweepB/0")]  # job 0 twice
+    assert distinct_labels(two_sweeps) == ["sweepA/0: 0", "sweepB/0: 0"]
     assert distinct_labels([dict(rows[0], job="x")]) == ["model=tiny trainer.max_steps=4 scheduler.rate=0.0 seed=0"]

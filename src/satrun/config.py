@@ -273,6 +273,11 @@ _IGNORED = {
 }
 
 
+def unread_keys(section: str, option: str) -> tuple[str, ...]:
+    """The keys of ``section`` that its option ``option`` does not read."""
+    return _IGNORED.get((section, option), ())
+
+
 def _refuse_ignored(cfg: TrainConfig) -> None:
     for (section, option), keys in _IGNORED.items():
         group = getattr(cfg, section)

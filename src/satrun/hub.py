@@ -12,6 +12,7 @@ import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies, proxy_bypass
 
 _checked: dict[str, bool] = {}
 
@@ -22,12 +23,16 @@ def is_local(location: str) -> bool:
 
 def reachable(timeout: float = 3.0) -> bool:
     """Whether the hub's endpoint ($HF_ENDPOINT, else huggingface.co) accepts a connection
-    (False in offline mode, HF_HUB_OFFLINE=1); asked once per process."""
+    (False in offline mode, HF_HUB_OFFLINE=1); asked once per process. Behind a proxy the
+    libraries' own requests are the only honest test: then it is taken as reachable."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
+    proxies = getproxies()
+    if (proxies.get(url.scheme) or proxies.get("all")) and not proxy_bypass(url.hostname or ""):
+        return True
     if url.hostname not in _checked:
         try:
             socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from satrun.config import TrainConfig
+from satrun.config import TrainConfig, unread_keys
 from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
@@ -128,7 +128,8 @@ def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
     shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
               "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name}
     shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
-    shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items()})
+    unread = unread_keys("scheduler", cfg.scheduler.name)  # e.g. a checkpoint of an older calibration's dense run
+    shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items() if k not in unread})
     return shaped
 
 

@@ -105,11 +105,14 @@ def write_report(runs: Sequence[Path], out_dir: Path) -> tuple[list[dict[str, An
 
 def distinct_labels(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Each run's legend label: the overrides that tell it from the other runs (those all runs
-    share say nothing), else its job name; a label two runs would share gets the job name too."""
+    share say nothing), else its job name; a label two runs would share gets the job name too,
+    and then, where still shared (two sweeps' job 0), the run's folder and parent."""
     overrides = [row["overrides"].split() for row in rows]
     shared = set.intersection(*map(set, overrides)) if len(rows) > 1 else set()
     labels = [" ".join(o for o in own if o not in shared) or row["job"] for own, row in zip(overrides, rows)]
-    return [f"{row['job']}: {label}" if labels.count(label) > 1 and label != row["job"] else label
+    labels = [f"{row['job']}: {label}" if labels.count(label) > 1 and label != row["job"] else label
+              for label, row in zip(labels, rows)]
+    return [f"{Path(row['run_dir']).parent.name}/{Path(row['run_dir']).name}: {label}" if labels.count(label) > 1 else label
             for label, row in zip(labels, rows)]
 
 

@@ -37,6 +37,7 @@ CASES = {
     ),
     "unknown metric": (lambda d: ["metric.name=entropy"], "metric.name"),
     "sparsified layer out of range": (lambda d: ["scheduler.layers=[0,7]"], "scheduler.layers"),
+    "sizes that make no model": (lambda d: ["model.num_heads=5"], "these sizes make no model"),
 }
 
 
@@ -122,6 +123,8 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(where: list[str], satrun, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # restored after the test: it goes offline
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "_checked", {})
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)  # behind a proxy the hub is not probed (tests/test_hub.py)
     started = time.monotonic()
     result = satrun("train", *TINY, *where, "hydra.run.dir=run")
     assert result.returncode == 2 and time.monotonic() - started < 20  # the retries took 45 s

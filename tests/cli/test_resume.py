@@ -166,9 +166,12 @@ def test_non_finite_steps_may_be_skipped_up_to_a_bound(satrun, tmp_path: Path) -
 @pytest.fixture
 def small_disk(tmp_path: Path):  # type: ignore[no-untyped-def]
     """A 50 MB file system (tmpfs; needs the right to mount, else the test is skipped)."""
-    disk = tmp_path / "disk"
+    yield from _mounted(tmp_path / "disk", "50m")
+
+
+def _mounted(disk: Path, size: str):  # type: ignore[no-untyped-def]
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small file system here")
     try:
         yield disk
@@ -191,3 +194,14 @@ def test_a_full_disk_is_one_line_naming_the_last_intact_checkpoint(satrun, tmp_p
     if when == "final":
         assert "final/ was not written, no training is lost" in errors[0] and "resume=auto" in errors[0]
     assert not list((small_disk / "run").rglob(".*.tmp-*"))  # nothing half-written left behind
+
+
+def test_a_last_checkpoint_without_room_still_leaves_the_final_model(satrun, tmp_path: Path) -> None:
+    """30 MB: the last step's checkpoint (about 40 MB, with the optimizer) does not fit, final/
+    (a third of it) does: a warning, then final/, and the run ends well."""
+    for disk in _mounted(tmp_path / "disk", "30m"):
+        result = satrun("train", *SHORT, "trainer.save_every=12", f"hydra.run.dir={disk / 'run'}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        said = result.stdout + result.stderr
+        assert "warning: no space left on the device" in said and "writing final/ all the same" in said
+        assert (disk / "run" / "final" / "model.safetensors").is_file() and not (disk / "run" / "checkpoints" / "step_12").exists()

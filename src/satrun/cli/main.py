@@ -7,6 +7,7 @@ option, missing model or data, ...) prints one line and exits 2; a bug keeps its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -286,13 +287,15 @@ def entry() -> None:
         print("satrun: stopped by Ctrl-C (SIGINT)", file=sys.stderr)
         code = 130
     finally:
-        _leave_process_group()
+        if code != 130:  # after a Ctrl-C a peer rank may never join the teardown: exit leaves the group
+            _leave_process_group()
     if code == 130:
         # A Ctrl-C that lands inside code a library runs through PyRun_String leaves CPython
         # marked "killed by SIGINT", and sys.exit would then end the process by the signal
-        # (status -2) rather than 130. Loggers and checkpoints are closed by now: leave directly.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        # (status -2) rather than 130. Checkpoints are written or not by now: leave directly.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
         os._exit(code)
     sys.exit(code)
 

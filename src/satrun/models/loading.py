@@ -33,16 +33,20 @@ def _missing(cfg: ModelConfig, what: str, location: str, exc: Exception) -> Usag
 
 def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
     """The transformers config of the sizes in ``cfg`` (the one place model.* sizes are read)."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-    )
+    try:
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=cfg.tie_word_embeddings,
+        )
+    except Exception as exc:  # transformers' validators, e.g. hidden_size not a multiple of num_heads
+        reason = [line.strip() for line in str(exc).splitlines() if line.strip()][-1:] or [type(exc).__name__]
+        raise UsageError(f"model={cfg.name}: these sizes make no model: {reason[0]}") from None
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -39,19 +39,19 @@ def gguf_folder() -> Path:
 
 
 def packaged_model_dir() -> Path:
-    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use
-    (under torch.distributed every rank calls it, and the first rank alone converts)."""
+    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converting it on first use.
+    Under torch.distributed every rank calls it; the first rank of each machine converts into
+    that machine's cache while the others wait."""
     from satrun.training import distributed
     from satrun.training.saving import staged_folder
 
     target = cache_root() / "smollm2-135m-instruct"
-    if distributed.from_main((target / "config.json").exists()):
-        return target
-    source = gguf_folder()
-    logging.getLogger("satrun").info("converting the packaged SmolLM2 GGUF once into %s (about 30 s)", target)
-    with staged_folder(target, shared=True) as staging:
-        if distributed.current().main:
+    if distributed.current().local_rank == 0 and not (target / "config.json").exists():
+        source = gguf_folder()
+        logging.getLogger("satrun").info("converting the packaged SmolLM2 GGUF once into %s (about 30 s)", target)
+        with staged_folder(target, shared=True) as staging:
             _convert(source, staging)
+    distributed.barrier()
     return target
 
 

@@ -4,7 +4,8 @@ place and renamed into it once every file is on disk.
 Under torch.distributed every rank takes part (each may write its shards into the same staging
 folder, which then must be on a file system all ranks share); the first rank makes the folder,
 flushes it and renames it. A crash or kill at any moment leaves the previous folder untouched
-and at worst a hidden staging folder, which the next write into the same parent removes.
+and at worst a hidden staging folder, which the next write into the same parent removes (in a
+shared cache such folders are left: another process may be writing them).
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ def staged_folder(target: Path, manifest: bool = False, shared: bool = False) ->
     so an older ``target`` is never half-deleted). On an error the staging folder is removed.
     ``manifest``: the first rank adds ``manifest.json`` (every file's size) last, so that a
     reader can tell a complete folder from a damaged one (:func:`damage`).
-    ``shared``: other processes may write into the same parent (a cache): their staging folders
-    are left alone, and a ``target`` one of them finished meanwhile is kept rather than replaced."""
-    main = distributed.current().main
+    ``shared``: one process writes (no collective: the caller picks it), and others may write
+    into the same parent (a cache): their staging folders are left alone, and a ``target`` one
+    of them finished meanwhile is kept rather than replaced."""
+    main = shared or distributed.current().main
+    collective = not shared
     staging: Path | None = None
     if main:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -43,12 +46,14 @@ def staged_folder(target: Path, manifest: bool = False, shared: bool = False) ->
             remove_stale(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes should not be
-    staging = distributed.from_main(staging)
+    if collective:
+        staging = distributed.from_main(staging)
     assert staging is not None
     try:
         try:
             yield staging
-            distributed.barrier()  # every rank's files are written
+            if collective:
+                distributed.barrier()  # every rank's files are written
             if main:
                 if manifest:
                     sizes = {str(f.relative_to(staging)): f.stat().st_size for f in sorted(staging.rglob("*")) if f.is_file()}
@@ -60,14 +65,21 @@ def staged_folder(target: Path, manifest: bool = False, shared: bool = False) ->
                 raise DiskFull(f"no space left on the device of {target.parent} writing {target.name} "
                                f"(wrote {_size(staging)} bytes{_needed(target)}, {shutil.disk_usage(staging).free} free)") from exc
             raise
-        if main and not (shared and target.exists()):
+        if shared:
+            try:
+                staging.rename(target)
+            except OSError:
+                if not target.exists():
+                    raise  # else another process finished first: its folder is kept
+        elif main:
             old = staging.with_name(f"{staging.name}-old")
             if target.exists():
                 target.rename(old)
             staging.rename(target)
             _sync(target.parent)
             shutil.rmtree(old, ignore_errors=True)
-        distributed.barrier()
+        if collective:
+            distributed.barrier()
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)

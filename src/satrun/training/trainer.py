@@ -184,11 +184,7 @@ def train(
                     run.stop(stop[0] if stop else signal.SIGTERM)  # SIGTERM: a rank the signal did not reach
                 if trainer.save_every and state.step % trainer.save_every == 0 and not last:
                     run.checkpoint()
-            if not run.evaluated_last():  # a resume from the last step's checkpoint has it
-                run.evaluate()
-                if trainer.save_every:
-                    run.checkpoint()
-            run.write_final()
+            run.finish()
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
@@ -340,10 +336,24 @@ class Run:
         self.last_checkpoint = folder
         return folder
 
+    def finish(self) -> None:
+        """The last evaluation and, with ``trainer.save_every``, the last step's checkpoint (a
+        resume from that checkpoint has both), then ``final/``. A checkpoint the disk has no
+        room for is a warning here: ``final/``, a third of its size, may still fit."""
+        if not self.evaluated_last():
+            self.evaluate()
+            if self.trainer.save_every:
+                try:
+                    self.checkpoint()
+                except DiskFull as exc:
+                    self.display.message(f"warning: {exc}; writing final/ all the same")
+        self.write_final()
+
     def write_final(self) -> None:
-        """``final/`` through ``save_model``, complete or absent. Should writing it fail, the
-        last step is checkpointed first (where it is not yet), so no training is lost; on a full
-        disk that may fail too, and the one line then says what was kept."""
+        """``final/`` through ``save_model``, complete or absent. Should writing it fail in a
+        one-process run, the last step is checkpointed first (where it is not yet), so no
+        training is lost; on a full disk that may fail too, and the one line then says what was
+        kept. (Under several ranks the failure may be one rank's alone: no collective follows.)"""
         if self.save_model is None:
             return
         try:
@@ -352,7 +362,7 @@ class Run:
         except Exception as exc:
             last = f"step_{self.state.step}"
             kept = _newest(self.run_dir)
-            if kept is None or kept.name != last:
+            if self.ranks == 1 and (kept is None or kept.name != last):
                 with contextlib.suppress(Exception):
                     kept = self.checkpoint()
             if not isinstance(exc, DiskFull):
