@@ -141,7 +141,8 @@ def train(
     caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
     default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
     With ``trainer.save_every`` the last step is checkpointed too, before ``final/``; without it,
-    a failed final write checkpoints the last step then, so it loses no training either.
+    a failed final write in a one-process run checkpoints the last step then, so it loses no
+    training either.
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
