@@ -95,6 +95,7 @@ class TrainerConfig:
     save_every: int = 0  # checkpoint every N steps and at the last into checkpoints/step_N (0: only the final model)
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
+    sample_every: int = 0  # every N steps and at the end, the model continues generate.prompt(s) into samples.jsonl (0: never)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234  # seeds data order, split, initialisation and SAT sampling; in [0, 2**32)
@@ -212,6 +213,7 @@ def validate(cfg: TrainConfig) -> None:
         "trainer.save_every": t.save_every,
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "trainer.max_skips": t.max_skips,
+        "trainer.sample_every": t.sample_every,
         "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip,
         "optim.weight_decay": o.weight_decay,

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 from satrun.config import TrainConfig, unread_keys
 from satrun.data import BatchStream, Corpus, build_corpus
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
+from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf import probe
@@ -79,14 +80,15 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                         f"(trainer.max_steps={cfg.trainer.max_steps}): the learning rate never reaches optim.lr")
     keep_through = resume["run"]["step"] if resume else None
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
+    samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
 
     def write_model(folder: Path) -> Path:
         return write_hf_folder(model, tokenizer, folder)
 
     try:
         summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
-                        hooks=[sparsity], resume=resume, logger=logger, fill=fill, settings=settings,
-                        launched=started)
+                        hooks=[samples, sparsity] if samples else [sparsity], resume=resume, logger=logger, fill=fill,
+                        settings=settings, launched=started)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
@@ -99,6 +101,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
+    if samples is not None:
+        samples.write(summary["steps"])
+        samples.close()
     earlier_s = resume["run"].get("wall_s", 0.0) if resume else 0.0  # the launches before this one
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=earlier_s + time.perf_counter() - started,
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
@@ -108,6 +113,42 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         print_summary(summary)
     display.message(f"run folder: {run_dir}")
     return summary
+
+
+class Samples:
+    """``trainer.sample_every``: a step hook that has the model continue the generate.prompt(s)
+    after every N steps (and, called by the run, after the last), into ``samples.jsonl``. The
+    model generates in eval mode (so SAT's patched layers run dense) with forked random state:
+    the training it interrupts goes on exactly as without it. One process only: FSDP2's
+    generation would need every rank in each forward."""
+
+    def __init__(self, cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, run_dir: Path,
+                 resumed_at: int | None, ranks: int) -> None:
+        from satrun.training.loggers import JsonLines
+
+        if ranks > 1:
+            raise UsageError(f"trainer.sample_every={cfg.trainer.sample_every} works in one process, not {ranks} ranks; "
+                             "generate from a checkpoint with satrun generate instead")
+        self.every, self.g, self.model, self.tokenizer = cfg.trainer.sample_every, cfg.generate, model, tokenizer
+        self.prompts = _prompts(self.g.prompt, self.g.prompt_file)
+        self.chat = uses_chat(self.g, tokenizer)
+        self.precision = cfg.trainer.precision
+        # samples after step N are written once step N's checkpoint is saved: a resume from it rewrites them
+        self.records = JsonLines(run_dir / "samples.jsonl", keep_through=None if resumed_at is None else resumed_at - 1)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        if step and step % self.every == 0:
+            self.write(step)
+        return {}
+
+    def write(self, step: int) -> None:
+        device = next(self.model.parameters()).device
+        amp = runtime.autocast(device, runtime.resolve_precision(self.precision, device))
+        for result in generate_texts(self.model, self.tokenizer, self.prompts, self.g, device, amp):
+            self.records.log({"step": step, **result, "settings": describe(self.g, self.chat)})
+
+    def close(self) -> None:
+        self.records.close()
 
 
 def _finished_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -273,7 +314,7 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Text from a trained (or any configured) model for each prompt, streamed to the terminal
     and written to generations.jsonl."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     g = cfg.generate
     prompts = _prompts(g.prompt, g.prompt_file)
@@ -289,29 +330,13 @@ def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise UsageError(f"generate.run={g.run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
-    model.to(device).eval()
-    chat = g.chat == "on" or (g.chat == "auto" and bool(tokenizer.chat_template))
-    if chat and not tokenizer.chat_template:
-        raise UsageError("generate.chat=on but the tokenizer has no chat template (use generate.chat=off)")
-    sampling = {"do_sample": True, "temperature": g.temperature, "top_p": g.top_p} if g.temperature > 0 else {"do_sample": False}
-    results = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True) if chat else prompt
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not chat).to(device)
-        print(f"\n>>> {prompt}", flush=True)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if g.stream else None
-        with torch.no_grad(), runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device)):
-            out = model.generate(**inputs, max_new_tokens=g.max_new_tokens, streamer=streamer,
-                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
-        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        if not g.stream:
-            print(answer, flush=True)
-        results.append({"prompt": prompt, "output": answer, "new_tokens": int(out.shape[1] - inputs["input_ids"].shape[1])})
+    model.to(device)
+    chat = uses_chat(g, tokenizer)
+    amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+    results = generate_texts(model, tokenizer, prompts, g, device, amp, echo=True)
     out_file = run_dir / "generations.jsonl"
     out_file.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
-    print(f"\ngenerations written to {out_file} (model: {folder or cfg.model.name}, "
-          f"{'greedy' if g.temperature == 0 else f'temperature {g.temperature}, top_p {g.top_p}'}, chat template {'on' if chat else 'off'})")
+    print(f"\ngenerations written to {out_file} (model: {folder or cfg.model.name}, {describe(g, chat)})")
     return results
 
 

@@ -180,3 +180,20 @@ def test_every_key_is_settable_without_plus(capsys, tmp_path: Path, monkeypatch)
         assert text in out
     code, _, err = in_process(["train", "trainer.max_steps=many", "--cfg", "job"], capsys, tmp_path, monkeypatch)
     assert code == 2 and "trainer.max_steps" in err
+
+
+def test_sample_every_writes_generations_and_leaves_training_exactly_as_it_was(satrun, tmp_path: Path) -> None:
+    plain = satrun("train", *TINY, "hydra.run.dir=plain")
+    assert plain.returncode == 0, plain.stderr
+    sampled = satrun("train", *TINY, "trainer.sample_every=4", "generate.max_new_tokens=4", "generate.temperature=0.8",
+                     "generate.prompt=[Hello,The sea]", "hydra.run.dir=sampled")
+    assert sampled.returncode == 0, sampled.stderr
+    samples = read_jsonl(tmp_path / "sampled" / "samples.jsonl")
+    assert [(s["step"], s["prompt"]) for s in samples] == [(step, p) for step in (4, 8, 10) for p in ("Hello", "The sea")]
+    assert all(0 < s["new_tokens"] <= 4 and isinstance(s["output"], str) for s in samples)
+    # generating (in eval mode, SAT layers dense, random state forked) changes nothing in training
+    def numbers(run: str) -> list[dict]:  # every record but its timings
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+                for r in read_jsonl(tmp_path / run / "metrics.jsonl")]
+
+    assert numbers("sampled") == numbers("plain") and len(numbers("plain")) > 5
