@@ -174,6 +174,8 @@ def test_wrong_types_are_rejected_naming_the_key(raw, key):
         ({"launcher": {"name": "none", "nproc_per_node": 4}}, "launcher.nproc_per_node=4 does nothing"),
         ({"scheduler": {"name": "dense", "rate": 0.3}}, "scheduler.rate=0.3 does nothing with scheduler=dense"),
         ({"scheduler": {"name": "constant", "dense_fraction": 0.2}}, "scheduler.dense_fraction=0.2 does nothing"),
+        ({"scheduler": {"name": "dense"}, "metric": {"name": "wanda"}}, "metric=wanda does nothing with scheduler=dense"),
+        ({"scheduler": {"name": "dense"}, "selector": {"fill": "zero"}}, "selector.fill=zero does nothing with scheduler=dense"),
         ({"trainer": {"eval_every": -1}}, "trainer.eval_every"),
         ({"trainer": {"precision": "fp16"}}, "trainer.precision"),
         ({"trainer": {"progress": "spinner"}}, "trainer.progress"),

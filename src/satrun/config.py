@@ -290,3 +290,11 @@ def _refuse_ignored(cfg: TrainConfig) -> None:
             if getattr(group, key) != getattr(default, key):
                 raise UsageError(f"{section}.{key}={getattr(group, key)} does nothing with {section}={option}; "
                                  f"leave it out (or choose a {section} that uses it)")
+    if cfg.scheduler.name == "dense":  # SAT is off: neurons are neither scored nor selected
+        for section in ("metric", "selector"):
+            group, default = getattr(cfg, section), type(getattr(cfg, section))()
+            for key in group.__dataclass_fields__:
+                if getattr(group, key) != getattr(default, key):
+                    name = section if key == "name" else f"{section}.{key}"
+                    raise UsageError(f"{name}={getattr(group, key)} does nothing with scheduler=dense (SAT is off); "
+                                     "leave it out")
