@@ -93,6 +93,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
         raise DiskFull(f"{exc}; once there is space, continue in this folder with: {_continue_command(run_dir)}") from None
+    trained = time.perf_counter()
     overhead = sparsity.overhead_by_stage()
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
     for stage in summary["stages"]:
@@ -104,8 +105,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     if samples is not None:
         samples.write(summary["steps"])
         samples.close()
-    earlier_s = resume["run"].get("wall_s", 0.0) if resume else 0.0  # the launches before this one
-    summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir), wall_s=earlier_s + time.perf_counter() - started,
+    summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir),
+                   wall_s=summary["wall_s"] + time.perf_counter() - trained,  # the trainer's, plus the last samples
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
     if world.main:

@@ -45,7 +45,6 @@ def staged_folder(target: Path, manifest: bool = False, shared: bool = False) ->
         if not shared:
             remove_stale(target.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the folder it becomes should not be
     if collective:
         staging = distributed.from_main(staging)
     assert staging is not None
@@ -98,10 +97,11 @@ def _umask() -> int:
 
 
 def _follow_umask(folder: Path) -> None:
-    """Modes as a plain write gives them: some writers (transformers' safetensors save) create
-    their files private (0600) through a temporary file, which others could then not read."""
+    """Modes as a plain write gives them: mkdtemp makes ``folder`` private (0700), and some
+    writers (transformers' safetensors save) create their files 0600 through a temporary file,
+    which others could then not read."""
     mask = _umask()
-    for path in folder.rglob("*"):
+    for path in [folder, *folder.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
