@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -277,6 +278,8 @@ def _quiet_libraries() -> None:
 
 
 def entry() -> None:
+    command = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in (*COMMANDS, "report") else None
+    signal.signal(signal.SIGINT, lambda *_: _stop_at_once(command))  # the training loop takes Ctrl-C over while it runs
     code = 1
     try:
         code = main()
@@ -300,11 +303,19 @@ def entry() -> None:
     sys.exit(code)
 
 
+def _stop_at_once(command: Optional[str]) -> None:
+    """Ctrl-C outside the training loop: one line and status 130, at once. A KeyboardInterrupt
+    would not do: raised inside a finalizer (which imports run now and then), Python reports it
+    with a traceback and carries on. Nothing is being saved here (the loop saves on its own
+    Ctrl-C; a staging folder this cuts short is removed at the next start)."""
+    line = f"satrun{' ' + command if command else ''}: stopped by Ctrl-C (SIGINT); checkpoints already written are intact\n"
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os.write(2, line.encode())
+    os._exit(130)
+
+
 def _leave_process_group() -> None:
     dist = sys.modules.get("torch.distributed")
-    try:
-        initialized = dist is not None and dist.is_available() and dist.is_initialized()
-    except Exception:  # a Ctrl-C while torch imported leaves it half-initialized: nothing to leave
-        return
-    if initialized:
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
