@@ -22,7 +22,7 @@ DEFAULTS = {
     for entry in yaml.safe_load((CONF / "train.yaml").read_text(encoding="utf-8"))["defaults"]
     if isinstance(entry, dict)
     for k, v in entry.items()
-}  # calibration: ${model}_${scheduler} (the chosen model's calibration file for the schedule, where it has one)
+}  # calibration: ${model}_${mode}_${scheduler} (the chosen model's calibration file for the mode and schedule, where it has one)
 NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups whose option sets `name`
 
 
@@ -54,9 +54,10 @@ def test_options_are_discovered():
     assert set(DEFAULTS) == groups
     assert all((g, o) in OPTIONS for g, o in DEFAULTS.items() if g != "calibration")
     # a model's measured rates for the chosen schedule, where they exist (dense has none)
-    assert DEFAULTS["calibration"] == "${model}_${scheduler}"
-    assert ("calibration", f"{DEFAULTS['model']}_{DEFAULTS['scheduler']}") in OPTIONS
-    assert ("calibration", f"{DEFAULTS['model']}_dense") not in OPTIONS
+    assert DEFAULTS["calibration"] == "${model}_${mode}_${scheduler}"
+    for mode in ("cpt", "sft"):
+        assert ("calibration", f"{DEFAULTS['model']}_{mode}_{DEFAULTS['scheduler']}") in OPTIONS
+        assert ("calibration", f"{DEFAULTS['model']}_{mode}_dense") not in OPTIONS
 
 
 def test_default_config_composes(compose):

@@ -56,6 +56,7 @@ class DataConfig:
     messages_field: Optional[str] = None  # SFT: a field of chats ([{role, content}] or ShareGPT [{from, value}]) instead
     sample_by: str = "paragraph"  # text files: a document per file (document), blank-line paragraph or line
     eval_fraction: float = 0.02  # share of documents/examples held out for evaluation
+    packing: bool = False  # SFT: bin-pack whole chats into rows of trainer.seq_len (no attention across chats); mode=sft turns it on
     max_examples: Optional[int] = None  # cap on documents/examples read (quick experiments)
     skip_invalid: bool = False  # leave out records with a null, empty or non-text field (counted in one warning) instead of stopping
 
@@ -172,6 +173,7 @@ _CHOICES = {
     "selector.name": ("topk", "sampling"),
     "selector.normalize": ("max", "rank"),
     "selector.fill": ("zero", "mean"),
+    "scheduler.tokens": ("auto", "all", "unlabelled"),
 }
 
 
@@ -259,8 +261,26 @@ def validate(cfg: TrainConfig) -> None:
         schedule.build_stages(cfg.scheduler, t.max_steps)
     except schedule.ScheduleError as exc:
         raise UsageError(str(exc)) from exc
+    if cfg.scheduler.tokens == "unlabelled" and cfg.mode.name == "cpt":
+        raise UsageError("scheduler.tokens=unlabelled omits neurons for tokens without a loss; in mode=cpt every token "
+                         "carries one (use scheduler.tokens=all)")
+    attn = cfg.scheduler.rate if cfg.scheduler.attn_rate is None else cfg.scheduler.attn_rate
+    if sparse_tokens(cfg) == "unlabelled" and attn and cfg.scheduler.name != "dense":
+        raise UsageError(f"scheduler.attn_rate={cfg.scheduler.attn_rate}: heads are kept when only unlabelled tokens omit "
+                         "neurons (scheduler.tokens=unlabelled, the SFT default); set scheduler.attn_rate=0 or "
+                         "scheduler.tokens=all")
+    if d.packing and cfg.mode.name != "sft":
+        raise UsageError("data.packing=true packs chats (mode=sft); CPT text is always packed into blocks of trainer.seq_len")
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")
+
+
+def sparse_tokens(cfg: TrainConfig) -> str:
+    """Which tokens omit neurons: ``scheduler.tokens``, with auto meaning unlabelled in SFT (the
+    prompts carry no loss) and all in CPT."""
+    if cfg.scheduler.tokens != "auto":
+        return cfg.scheduler.tokens
+    return "unlabelled" if cfg.mode.name == "sft" else "all"
 
 
 # Keys an option does not read: setting one away from its default would do nothing, so it is refused.
@@ -271,7 +291,8 @@ _IGNORED = {
     ("metric", "wanda"): ("token_stride",),
     ("launcher", "none"): ("nproc_per_node",),
     ("scheduler", "constant"): ("sparse_fraction", "ladder_steps", "dense_fraction"),
-    ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale"),
+    ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale",
+                             "tokens"),
 }
 
 

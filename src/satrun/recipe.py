@@ -13,14 +13,14 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from satrun.config import TrainConfig, unread_keys
-from satrun.data import BatchStream, Corpus, build_corpus
+from satrun.config import TrainConfig, sparse_tokens, unread_keys
+from satrun.data import BatchStream, Corpus, build_corpus, token_counts
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
 from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
 from satrun.perf import probe
-from satrun.perf.flops import Shape, ideal_speedup
+from satrun.perf.flops import Shape, ideal_speedup, step_flops
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
@@ -66,8 +66,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
-        f"data {cfg.data.name} ({cfg.mode.name}): {len(corpus.train)} training and {len(corpus.eval)} held-out "
-        + (f"blocks of {cfg.trainer.seq_len} tokens" if cfg.mode.name == "cpt" else "chats")
+        f"data {cfg.data.name} ({cfg.mode.name}): {corpus.describe(cfg.trainer.seq_len)}"
     )
     fill = _weight_source(cfg, model, resume, sharded)
     if resume is not None:
@@ -88,7 +87,8 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     try:
         summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
                         hooks=[samples, sparsity] if samples else [sparsity], resume=resume, logger=logger, fill=fill,
-                        settings=settings, launched=started)
+                        settings=settings, launched=started, batch_hooks=token_rows_hooks(sparsity.sparsifier),
+                        flops=StepFlopCounter(cfg, model, sparsity))
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
@@ -168,7 +168,8 @@ def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
     """What shapes the run's schedules and batches: a resume must not change it silently."""
     t = cfg.trainer
     shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
-              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name}
+              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name,
+              "data.packing": cfg.data.packing}
     shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
     unread = unread_keys("scheduler", cfg.scheduler.name)  # e.g. a checkpoint of an older calibration's dense run
     shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items() if k not in unread})
@@ -384,7 +385,7 @@ def _sat_overrides(cfg: TrainConfig) -> str:
 
 def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
     """A calibration config file: the mean MLP rate and each layer's share of it, for the
-    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>_<scheduler>.yaml)."""
+    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>_<mode>_<scheduler>.yaml)."""
     mean = sum(layer_rates) / len(layer_rates)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# @package scheduler",
@@ -420,12 +421,35 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     if all(stage.dense for stage in stages):
         return ScheduledSparsity(stages, None)
     try:
-        sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed)
+        sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed,
+                                tokens=sparse_tokens(cfg))
         return ScheduledSparsity(stages, sparsifier)
     except ScheduleError as exc:
         raise UsageError(f"model={cfg.model.name}: {exc}") from exc
     except (UnsupportedModel, ValueError) as exc:
         raise UsageError(f"scheduler={cfg.scheduler.name}: {exc} (use scheduler=dense)") from exc
+
+
+def token_rows_hooks(sparsifier: Sparsifier | None) -> list[Callable[[dict], None]]:
+    """The batch hook that hands a token-aware sparsifier each micro-batch's rows: those whose
+    next token carries a label run dense, the rest sparsely (none for ``tokens=all``)."""
+    if sparsifier is None or sparsifier.tokens == "all":
+        return []
+    return [lambda batch: sparsifier.set_token_rows(batch["loss_rows"], batch["free_rows"])]
+
+
+class StepFlopCounter:
+    """A step's training FLOPs from the FLOP model: each micro-batch's real token counts
+    (labelled, unlabelled, padding) at the current stage's rates (``trainer.train``'s ``flops``)."""
+
+    def __init__(self, cfg: TrainConfig, model: PreTrainedModel, sparsity: ScheduledSparsity) -> None:
+        self.shape, self.sparsity = Shape.from_config(model.config), sparsity
+        self.align, self.layers, self.tokens = cfg.selector.align, cfg.scheduler.layers, sparse_tokens(cfg)
+
+    def __call__(self, batches: list[dict]) -> float:
+        stage = self.sparsity.current
+        return sum(step_flops(self.shape, b["input_ids"].shape[1], token_counts(b), stage.mlp_rates, stage.attn_rate,
+                              self.align, self.layers, self.tokens) for b in batches)
 
 
 def _first_stage_layer_rates(cfg: TrainConfig) -> list[float] | None:

@@ -39,7 +39,7 @@ def test_collate_pads_and_masks():
 
 def test_collate_without_padding_has_no_attention_mask():
     batch = collate([_ex([1, 2, 3]), _ex([4, 5, 6])], pad_id=PAD)
-    assert set(batch) == {"input_ids", "labels"}
+    assert set(batch) == {"input_ids", "labels", "loss_rows", "free_rows", "counts"}  # no attention_mask
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
     assert torch.equal(batch["labels"], batch["input_ids"])
     assert label_tokens(batch) == 2 * 2  # every position but the first of each row

@@ -134,3 +134,38 @@ def test_evaluation_builds_no_gradient_buffers(implementation: str) -> None:
     with torch.no_grad(), tracker:
         linear_cross_entropy(hidden, weight, targets)
     assert tracker.peak - inputs < weight.numel() * 4  # a gradient of the head's weight alone would be this big
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2"])
+def test_head_at_labelled_positions_only_equals_the_head_everywhere(arch: str, implementation: str) -> None:
+    """The LM head runs on the gathered rows whose target carries a label (a collated batch's
+    ``loss_rows``): the loss and every gradient equal the head at every position, masked."""
+    from satrun.data.batches import row_split
+
+    model = build(arch)
+    batch = _batch(97)
+    batch.update(row_split(batch["labels"]))
+    assert batch["loss_rows"].numel() < batch["labels"].numel() - 10  # prompt and padding rows are left out
+    results = []
+    for every_position in (True, False):
+        model.zero_grad()
+        loss = causal_lm_loss(model, batch, 50, every_position=every_position)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_grads), (only, only_grads) = results
+    assert abs(only.item() - full.item()) <= 1e-6 * full.item()
+    for name, grad in full_grads.items():
+        assert (only_grads[name] - grad).abs().max().item() <= 1e-6, name
+
+
+def test_a_micro_batch_without_labels_gives_zero_loss_and_gradients(implementation: str) -> None:
+    from satrun.data.batches import row_split
+
+    model = build("llama-gqa")
+    batch = _batch(97)
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+    batch.update(row_split(batch["labels"]))
+    loss = causal_lm_loss(model, batch, 1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())

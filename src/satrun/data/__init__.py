@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Optional
 
 import datasets
 import torch
@@ -11,12 +12,14 @@ from transformers import PreTrainedTokenizerBase
 
 from satrun.config import DataConfig
 from satrun.data import cpt, sft
-from satrun.data.batches import BatchStream, Example, GlobalBatchSampler, collate, eval_batches, label_tokens
+from satrun.data.batches import (BatchStream, Example, GlobalBatchSampler, collate, eval_batches, label_tokens,
+                                 loss_rows, token_counts)
+from satrun.data.packing import fill_share, pack_chats
 from satrun.data.sources import load_raw
 from satrun.errors import UsageError
 
 __all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "GlobalBatchSampler", "collate", "eval_batches",
-           "label_tokens"]
+           "label_tokens", "loss_rows", "token_counts"]
 
 FORMAT_VERSION = "1"  # bump when tokenization changes, to invalidate cached datasets
 
@@ -26,6 +29,18 @@ class Corpus:
     train: list[Example]
     eval: list[Example]
     pad_id: int
+    chats: Optional[tuple[int, int]] = None  # SFT: the training and held-out chats the examples hold
+    packed: bool = False  # SFT: examples are rows of whole chats (data.packing)
+
+    def describe(self, seq_len: int) -> str:
+        """What the examples are, for the start-up line."""
+        if self.chats is None:
+            return f"{len(self.train)} training and {len(self.eval)} held-out blocks of {seq_len} tokens"
+        text = f"{self.chats[0]} training and {self.chats[1]} held-out chats"
+        if not self.packed:
+            return text + " (each micro-batch padded to its longest chat)"
+        return (f"{text}, packed into {len(self.train)} and {len(self.eval)} rows of {seq_len} tokens "
+                f"(padding at most {100 * (1 - fill_share(self.train, seq_len)):.1f}% of the training rows)")
 
 
 def _tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -51,6 +66,7 @@ def build_corpus(
     split = raw.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     tok = _tokenizer_id(tokenizer)
     parts: dict[str, list[Example]] = {}
+    chat_counts: dict[str, int] = {}
     for name, ds in (("train", split["train"]), ("eval", split["test"])):
         if mode == "cpt":
             docs = cpt.tokenize_documents(ds, tokenizer, _fingerprint(ds, "cpt", tok))
@@ -63,7 +79,11 @@ def build_corpus(
                 (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(lab, dtype=torch.long))
                 for ids, lab in zip(columns["input_ids"], columns["labels"])
             ]
-    unit = "blocks of trainer.seq_len tokens" if mode == "cpt" else "chats with an answer"
+            chat_counts[name] = len(parts[name])
+            if cfg.packing:
+                parts[name] = pack_chats(parts[name], seq_len)
+    unit = ("blocks of trainer.seq_len tokens" if mode == "cpt" else
+            "packed rows of trainer.seq_len tokens" if cfg.packing else "chats with an answer")
     if len(parts["train"]) < micro_batch_size:
         raise UsageError(
             f"data={cfg.name} gives {len(parts['train'])} training {unit}, fewer than "
@@ -71,4 +91,5 @@ def build_corpus(
         )
     if not parts["eval"]:
         raise UsageError(f"data={cfg.name} gives no held-out {unit}; raise data.eval_fraction")
-    return Corpus(train=parts["train"], eval=parts["eval"], pad_id=int(tokenizer.pad_token_id))
+    return Corpus(train=parts["train"], eval=parts["eval"], pad_id=int(tokenizer.pad_token_id),
+                  chats=(chat_counts["train"], chat_counts["eval"]) if mode == "sft" else None, packed=mode == "sft" and cfg.packing)

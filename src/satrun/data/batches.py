@@ -1,4 +1,4 @@
-"""Batches of token examples: padding collation and a seeded, resumable training stream."""
+"""Batches of token examples: padding collation (of chats or packed rows) and a seeded, resumable training stream."""
 
 from __future__ import annotations
 
@@ -6,32 +6,71 @@ import functools
 from typing import Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 import torch.utils.data
 
 from satrun.labels import IGNORE
 from satrun.errors import UsageError
 
-Example = tuple[torch.Tensor, torch.Tensor]  # (input_ids, labels), 1-D int64
+Example = tuple  # (input_ids, labels) or, packed, (input_ids, labels, position_ids); 1-D int64 each
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding carries no label and no attention.
+    """Right-pad to the longest example; padding carries no label.
 
-    When nothing needs padding no attention mask is returned, so attention keeps its fast
-    causal-only path.
+    Unpacked examples get an attention mask where some row is padded (none otherwise, so
+    attention keeps its fast causal-only path). Packed rows (examples with position ids, see
+    ``packing``) get ``position_ids`` and no mask: the padding is one more sequence of its own,
+    its positions restarting at 0, so nothing attends to it or from it into a chat.
+
+    Besides the model's inputs a batch holds, computed here on the host so the training step
+    needs no device sync for them: ``loss_rows`` and ``free_rows``, the flat positions
+    (``row * length + column``) whose next token carries a label and those whose next token
+    carries none, and ``counts``, a host tensor [labelled, unlabelled, padding] of token counts.
     """
-    longest = max(ids.numel() for ids, _ in examples)
+    longest = max(ex[0].numel() for ex in examples)
+    packed = len(examples[0]) == 3
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
-    for row, (ids, lab) in enumerate(examples):
-        input_ids[row, : ids.numel()] = ids
-        labels[row, : lab.numel()] = lab
-        mask[row, : ids.numel()] = 1
+    positions = torch.arange(longest).repeat(len(examples), 1) if packed else None
+    for row, ex in enumerate(examples):
+        n = ex[0].numel()
+        input_ids[row, :n] = ex[0]
+        labels[row, :n] = ex[1]
+        mask[row, :n] = 1
+        if positions is not None:
+            positions[row, :n] = ex[2]
+            positions[row, n:] = torch.arange(longest - n)
     batch = {"input_ids": input_ids, "labels": labels}
-    if not bool(mask.all()):
+    if positions is not None:
+        batch["position_ids"] = positions
+    elif not bool(mask.all()):
         batch["attention_mask"] = mask
+    batch.update(row_split(labels))
+    padding = int((mask == 0).sum())
+    labelled = batch["loss_rows"].numel()
+    batch["counts"] = torch.tensor([labelled, labels.numel() - labelled - padding, padding])
     return batch
+
+
+def row_split(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``loss_rows`` and ``free_rows`` of a batch's labels (see :func:`collate`)."""
+    carries = (F.pad(labels, (0, 1), value=IGNORE)[:, 1:] != IGNORE).flatten()
+    return {"loss_rows": carries.nonzero().flatten(), "free_rows": (~carries).nonzero().flatten()}
+
+
+def loss_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The flat positions whose next token carries a label: collated batches hold them; other
+    batches (written by hand, or by other tools) get them computed (a device sync there)."""
+    rows = batch.get("loss_rows")
+    return rows if rows is not None else row_split(batch["labels"])["loss_rows"]
+
+
+def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(labelled, unlabelled, padding) tokens of a collated batch, read on the host."""
+    labelled, unlabelled, padding = batch["counts"].tolist()
+    return labelled, unlabelled, padding
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
@@ -119,5 +158,6 @@ def eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int, limi
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that carry a loss: labelled positions after the one-token shift."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+    """Tokens that carry a loss: labelled positions after the one-token shift (read from the
+    batch's shape where it was collated: no device sync)."""
+    return loss_rows(batch).numel()

@@ -110,3 +110,25 @@ def ideal_speedup(
 ) -> float:
     """Dense training FLOPs over SAT training FLOPs: the speed-up if scoring were free."""
     return token_flops(shape, seq_len).train / token_flops(shape, seq_len, mlp_rate, attn_rate, align, layers).train
+
+
+TOKENS = ("all", "unlabelled")  # which tokens a sparse step computes sparsely (scheduler.tokens)
+
+
+def step_flops(
+    shape: Shape, seq_len: int, counts: Sequence[int], mlp_rate: Rates = 0.0, attn_rate: Rates = 0.0, align: int = 1,
+    layers: Optional[Sequence[int]] = None, tokens: str = "all",
+) -> float:
+    """Training FLOPs of one micro-batch whose rows are ``seq_len`` long, from its token counts
+    (labelled, unlabelled, padding): every token runs the decoder, sparsely at the given rates
+    where ``tokens`` makes it sparse (all of them, or the ``unlabelled`` ones and padding, the
+    labelled ones then running the full layers); the LM head runs at the labelled tokens only."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens={tokens!r} is not one of: {', '.join(TOKENS)}")
+    labelled, unlabelled, padding = counts
+    dense = token_flops(shape, seq_len)
+    sparse = token_flops(shape, seq_len, mlp_rate, attn_rate, align, layers)
+    decoder = {f: f.attn_proj + f.attn_core + f.mlp for f in (dense, sparse)}
+    sparse_n = labelled + unlabelled + padding if tokens == "all" else unlabelled + padding
+    dense_n = labelled + unlabelled + padding - sparse_n
+    return 3.0 * (dense_n * decoder[dense] + sparse_n * decoder[sparse] + labelled * dense.lm_head)

@@ -19,6 +19,7 @@ class ScheduledSparsity:
             for stage in stages:  # a per-layer vector must fit the model: fail before training
                 stage.per_layer(sparsifier.num_layers)
         self._stage: Optional[str] = None
+        self.current: Stage = stages[0]  # the stage of the step being trained
         self._charged = 0.0
         self.select_s_by_stage: dict[str, float] = {}
 
@@ -27,7 +28,7 @@ class ScheduledSparsity:
         stage = stage_at(self.stages, step)
         if self.sparsifier is not None:
             self.sparsifier.set_rates(stage.mlp_rates, stage.attn_rate, step)
-        self._stage = stage.name
+        self._stage, self.current = stage.name, stage
         return {"stage": stage.name, "mlp_rate": stage.mlp_rate, "attn_rate": stage.attn_rate}
 
     def _charge(self) -> None:

@@ -40,7 +40,10 @@ class SchedulerConfig:
     ``layer_scale`` spreads the MLP rate over the decoder layers: layer l omits
     ``rate * layer_scale[l]`` (one value per layer, mean 1 keeps ``rate`` the mean rate; 0 keeps
     a layer dense); ladder rungs scale every layer alike. ``satrun probe`` calibrates it from
-    measured sensitivities; conf/calibration/<model>_<scheduler>.yaml holds a model's calibration.
+    measured sensitivities; conf/calibration/<model>_<mode>_<scheduler>.yaml holds a model's calibration.
+
+    ``tokens=unlabelled`` omits neurons only for the tokens that carry no loss (in SFT the
+    prompts, the template and padding); the tokens that carry one run the full layers.
     """
 
     name: str = "ladder"  # dense | constant | ladder
@@ -51,3 +54,4 @@ class SchedulerConfig:
     dense_fraction: float = 0.1  # ladder: share of steps at the end trained dense
     layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all
     layer_scale: Optional[list[float]] = None  # layer l's MLP rate is rate * layer_scale[l]; None = rate everywhere
+    tokens: str = "auto"  # which tokens omit neurons: all | unlabelled (those without a loss; SFT) | auto (unlabelled in SFT, all in CPT)

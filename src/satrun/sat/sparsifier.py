@@ -4,7 +4,14 @@
 MLP *instances* (no module is replaced, so parameter names, shapes and the state dict stay the
 model's own, and checkpoints stay plain Hugging Face checkpoints). ``set_rates`` sets the
 omission rates for the next optimizer step; at rate 0 or in eval mode the original forward runs
-unchanged. In training mode sparsified layers keep no KV cache (training needs none). ``remove`` restores the model.
+unchanged.
+
+``tokens`` says which tokens omit neurons: ``all`` of them, or only the ``unlabelled`` ones
+(tokens that carry no loss: prompts and padding in SFT). Under ``unlabelled`` each MLP splits
+its input rows in two (``set_token_rows`` gives them before each forward): the unlabelled rows
+run through the kept channels, the labelled ones through the whole layer, and both give every
+weight its gradient; neurons are scored on the unlabelled rows. Attention heads are not omitted
+there (every query row attends to keys and values computed for all rows). In training mode sparsified layers keep no KV cache (training needs none). ``remove`` restores the model.
 
 Each training forward scores the layer's neurons on that micro-batch's input, selects the kept
 ones, and computes only them (``sparse_ops``). A forward re-run by activation checkpointing during
@@ -53,8 +60,12 @@ class Sparsifier:
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     layers: Optional[list[int]] = None
     seed: int = 0
+    tokens: str = "all"  # all | unlabelled: which tokens omit neurons (see the module's docstring)
 
     def __post_init__(self) -> None:
+        if self.tokens not in ("all", "unlabelled"):
+            raise ValueError(f"tokens={self.tokens!r} is not one of: all, unlabelled")
+        self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if self.metric.name not in importance.METRICS:
             raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
         if self.selector.name not in ("topk", "sampling"):
@@ -96,8 +107,25 @@ class Sparsifier:
                 raise ValueError(f"{len(mlp_rate)} MLP rates for a model of {self.num_layers} layers")
             self._mlp_layer_rates = tuple(float(r) for r in mlp_rate)
             self.mlp_rate = sum(self._mlp_layer_rates) / self.num_layers
+        if self.tokens == "unlabelled" and attn_rate:
+            raise ValueError("attention heads are kept when only unlabelled tokens omit neurons (tokens=unlabelled): "
+                             f"attention rate {attn_rate} must be 0")
         self.attn_rate, self.step = attn_rate, step
         self._generators.clear()
+
+    def set_token_rows(self, dense: torch.Tensor, sparse: torch.Tensor) -> None:
+        """With ``tokens=unlabelled``: the flat rows (``row * length + column`` of the next
+        forward's input) computed by the whole layer (tokens that carry a loss) and those
+        computed sparsely (the rest); together every row once."""
+        self._rows = (dense, sparse)
+
+    def token_rows(self, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The (dense, sparse) rows of an MLP input of ``n`` rows; None when every token is sparse."""
+        if self.tokens == "all":
+            return None
+        if self._rows is None or self._rows[0].numel() + self._rows[1].numel() != n:
+            raise RuntimeError(f"tokens=unlabelled: no token rows given for this forward of {n} rows (set_token_rows)")
+        return self._rows
 
     def mlp_rate_of(self, layer: int) -> float:
         """The MLP omission rate of decoder layer ``layer`` for the current step."""
@@ -121,12 +149,15 @@ class Sparsifier:
         dist.all_reduce(scores, op=dist.ReduceOp.MAX if reduce == "max" else dist.ReduceOp.SUM)
         return scores.sqrt_() if reduce == "l2" else scores
 
-    def agree_mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Under data parallelism, the mean of per-rank means (equal token counts per rank)."""
-        if not _data_parallel():
-            return values
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        return values.div_(dist.get_world_size())
+    def agree_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean of vectors whose sum over ``count`` tokens is ``total``; under data
+        parallelism over every rank's tokens (their counts differ under ``tokens=unlabelled``).
+        No token at all gives zeros."""
+        if _data_parallel():
+            both = torch.cat([total.float(), total.new_full((1,), float(count), dtype=torch.float32)])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            return (both[:-1] / both[-1:].clamp_min(1.0)).to(total.dtype)
+        return total / max(1, count)
 
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
@@ -141,7 +172,7 @@ class Sparsifier:
             last = module._sat.last
             if module._sat.layer == layer and last is not None:
                 if hasattr(module, "gate_proj"):
-                    found["channels"], found["fill"] = last
+                    found["channels"], found["fill"] = last[0], last[1]
                 else:
                     found["heads"] = last[0]
         return found
@@ -197,6 +228,9 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         with torch.no_grad():
             flat = x.detach().reshape(-1, x.shape[-1])
+            rows = owner.token_rows(flat.shape[0])
+            if rows is not None:
+                flat = flat.index_select(0, rows[1])  # scores come from the sparse tokens
             w_gate, w_up, w_down, stride = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, owner.metric.token_stride
             fill = owner.selector.fill == "mean"
             act = importance.activations(flat, w_gate, w_up, stride) if fill or owner.metric.name in ("maxip", "contrib") else None
@@ -204,17 +238,29 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), rate, owner.selector.align)
             kept = owner.choose(scores[None], k, x.device)[0]
-            slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None)
+            slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None, rows)
         owner.select_s += time.perf_counter() - started
-    out = sparse_swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, slot.last[0])
-    return out if slot.last[1] is None else out + slot.last[1].to(out.dtype)
+    kept, fill_out, rows = slot.last
+    weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+    if rows is None:
+        out = sparse_swiglu(x, *weights, kept)
+        return out if fill_out is None else out + fill_out.to(out.dtype)
+    dense_rows, sparse_rows = rows
+    flat = x.reshape(-1, x.shape[-1])
+    dense_out = type(self).forward(self, flat.index_select(0, dense_rows))  # tokens with a loss: the whole layer
+    sparse_out = sparse_swiglu(flat.index_select(0, sparse_rows), *weights, kept).to(dense_out.dtype)
+    if fill_out is not None:
+        sparse_out = sparse_out + fill_out.to(sparse_out.dtype)
+    out = dense_out.new_zeros(flat.shape[0], dense_out.shape[-1])
+    out = out.index_copy(0, dense_rows, dense_out).index_copy(0, sparse_rows, sparse_out)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _omitted_mean_output(owner: Sparsifier, act: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """What the omitted channels add to the layer's output on average over the scored tokens:
     W_down[:, omitted] @ mean(act[:, omitted]), one matrix-vector product with the kept channels'
     means zeroed (no index of the omitted set is formed, so no device sync, and no weight gather)."""
-    mean = owner.agree_mean(act.mean(0))
+    mean = owner.agree_mean(act.sum(0), act.shape[0])
     return w_down @ mean.index_fill_(0, kept, 0.0)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -176,11 +176,16 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def total(value: float, device: torch.device) -> float:
     """Sum of ``value`` over all ranks."""
+    return totals([value], device)[0]
+
+
+def totals(values: Sequence[float], device: torch.device) -> list[float]:
+    """Each of ``values`` summed over all ranks, in one collective."""
     if not dist.is_initialized():
-        return value
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+        return [float(v) for v in values]
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return float(tensor)
+    return tensor.tolist()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

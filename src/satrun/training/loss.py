@@ -26,12 +26,13 @@ benchmarks/linear_cross_entropy.py times them.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from satrun.data.batches import loss_rows
 from satrun.labels import IGNORE
 
 IMPLEMENTATION = "torch"  # "torch" | "satrun": who computes fp32 chunked cross-entropy (see above)
@@ -41,31 +42,46 @@ FUSABLE = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 
 class CausalLMObjective(torch.nn.Module):
     """A causal LM and its loss as one module: what the loop calls, and what DDP or FSDP wrap,
-    so that their forward hooks see the whole loss computation."""
+    so that their forward hooks see the whole loss computation. Each of ``batch_hooks`` is
+    called with the micro-batch before its forward (e.g. to tell a sparsifier which tokens
+    carry a loss)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, batch_hooks: Sequence[Callable[[dict], None]] = ()) -> None:
         super().__init__()
         self.model = model
+        self.batch_hooks = list(batch_hooks)
 
     def forward(self, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+        for hook in self.batch_hooks:
+            hook(batch)
         return causal_lm_loss(self.model, batch, normalizer)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: float) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], normalizer: float,
+                   every_position: bool = False) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled tokens, divided by ``normalizer``.
 
     Dividing every micro-batch by the step's total label count makes gradient accumulation
-    weigh each token equally, however the tokens fall into micro-batches.
+    weigh each token equally, however the tokens fall into micro-batches. The LM head runs only
+    at the positions whose target carries a label (``loss_rows``: their hidden states are
+    gathered first), which in SFT are a fraction of the tokens; the loss and every gradient are
+    those of the head at all positions. ``every_position`` computes the head everywhere and
+    masks afterwards (the way before; ``satrun bench`` times it).
     """
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:]  # shift labels, not logits: no copy
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:].flatten()  # shift labels, not logits: no copy
+    rows = None if every_position else loss_rows(batch)
     head = _plain_head(model)
     if head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+        logits = model(**inputs, use_cache=False).logits.flatten(0, 1)
+        if rows is not None:  # the head's own forward ran everywhere: only the loss shrinks
+            logits, targets = logits.index_select(0, rows), targets.index_select(0, rows)
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="sum")
     else:
-        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             use_cache=False).last_hidden_state
-        loss = linear_cross_entropy(hidden.flatten(0, 1), head, targets.flatten())
+        hidden = model.model(**inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        if rows is not None:
+            hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+        loss = linear_cross_entropy(hidden, head, targets)
     return loss / normalizer
 
 

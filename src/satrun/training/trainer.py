@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import torch
 
 from satrun.config import TrainerConfig, OptimConfig
-from satrun.data import BatchStream, Corpus, eval_batches, label_tokens
+from satrun.data import BatchStream, Corpus, eval_batches, label_tokens, token_counts
 from satrun.errors import DiskFull, Interrupted, NonFiniteLoss, UsageError
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import Display
@@ -29,6 +29,8 @@ from satrun.training.saving import staged_folder
 
 Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
+BatchHook = Callable[[Batch], None]  # called with each micro-batch before its forward
+StepFlops = Callable[[Sequence[Batch]], float]  # training FLOPs of a step's micro-batches (host batches)
 
 
 def train_step(
@@ -37,9 +39,11 @@ def train_step(
     micro_batches: Sequence[Batch],
     grad_clip: float,
     amp: Any,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+    flops: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Forward/backward over the micro-batches, clip, step. Returns the mean loss and the grad
-    norm (tensors) and the step's label tokens on all ranks.
+    norm (tensors), the step's label tokens on all ranks and ``flops`` (this rank's training
+    FLOPs) summed over the ranks, both in the step's one collective over counts.
 
     The loss is normalised by the label tokens of the whole step on all ranks, and scaled by the
     number of ranks, which DDP and FSDP divide the summed gradients by. A non-finite loss or
@@ -47,7 +51,7 @@ def train_step(
     """
     device = micro_batches[0]["input_ids"].device
     ranks = distributed.current().size
-    labelled = distributed.total(sum(label_tokens(b) for b in micro_batches), device)
+    labelled, flops = distributed.totals([sum(label_tokens(b) for b in micro_batches), flops], device)
     n_tokens = max(1.0, labelled)
     total = torch.zeros((), device=device)
     for batch in micro_batches:
@@ -63,7 +67,7 @@ def train_step(
     if bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one host sync per step
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total, grad_norm, round(labelled)
+    return total, grad_norm, round(labelled), flops
 
 
 @torch.no_grad()
@@ -88,6 +92,8 @@ class RunState:
     step: int = 0
     tokens: int = 0
     padded_tokens: int = 0
+    padding_tokens: int = 0  # of padded_tokens, those that are padding (this rank's, times the ranks)
+    train_flops: float = 0.0  # training FLOPs of the steps so far, all ranks (the FLOP model's)
     train_s: float = 0.0
     wall_s: float = 0.0  # wall-clock time of the launches so far, each up to its last checkpoint
     train_loss: float = float("nan")
@@ -104,6 +110,7 @@ class Interval:
     loss: torch.Tensor
     steps: int = 0
     tokens: int = 0
+    flops: float = 0.0
     seconds: float = 0.0
     lr: float = 0.0
     grad_norm: Optional[torch.Tensor] = None
@@ -124,6 +131,8 @@ def train(
     fill: Optional[Callable[[torch.nn.Module], None]] = None,
     settings: Optional[dict[str, Any]] = None,
     launched: Optional[float] = None,
+    batch_hooks: Sequence[BatchHook] = (),
+    flops: Optional[StepFlops] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
@@ -136,7 +145,9 @@ def train(
     (:func:`checkpoint.load_state`; the caller has loaded unsharded weights): the run continues
     exactly where it stopped. Each hook is called before every step with the step number; the
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
-    per-stage report. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
+    per-stage report. Each of ``batch_hooks`` is called with every micro-batch before its
+    forward. ``flops(micro_batches)``, given a step's host batches, says its training FLOPs on
+    this rank: records carry them (``flops``, and ``train_flops`` so far), as does the summary. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
     caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
     default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
@@ -147,7 +158,7 @@ def train(
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
     dtype = runtime.resolve_precision(trainer.precision, device)
-    objective = _prepare(model, trainer, world, device, dtype, fill)
+    objective = _prepare(model, trainer, world, device, dtype, fill, batch_hooks)
     optimizer = build_optimizer(model, optim)
     stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
                          pin_memory=device.type == "cuda")  # pinned: the non_blocking copies in _to are asynchronous
@@ -171,10 +182,12 @@ def train(
                     group["lr"] = lr
 
                 started = time.perf_counter()
-                micro_batches = [_to(next(stream), device) for _ in range(trainer.grad_accum)]
-                loss, grad_norm, tokens = train_step(objective, optimizer, micro_batches, optim.grad_clip, run.amp)
+                host_batches = [next(stream) for _ in range(trainer.grad_accum)]
+                micro_batches = [_to(b, device) for b in host_batches]
+                loss, grad_norm, tokens, step_flops = train_step(objective, optimizer, micro_batches, optim.grad_clip,
+                                                                 run.amp, flops(host_batches) if flops else 0.0)
                 runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
-                run.end_step(loss, grad_norm, tokens, time.perf_counter() - started, lr, micro_batches, fields)
+                run.end_step(loss, grad_norm, tokens, step_flops, time.perf_counter() - started, lr, host_batches, fields)
 
                 last = state.step == trainer.max_steps
                 if run.interval.steps and (state.step % trainer.log_every == 0 or last):
@@ -201,7 +214,8 @@ def train(
 
 
 def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.World, device: torch.device,
-             dtype: torch.dtype, fill: Optional[Callable[[torch.nn.Module], None]]) -> torch.nn.Module:
+             dtype: torch.dtype, fill: Optional[Callable[[torch.nn.Module], None]],
+             batch_hooks: Sequence[BatchHook]) -> torch.nn.Module:
     """The model on its device, wrapped for the strategy with its loss, its weights filled."""
     if not any(p.is_meta for p in model.parameters()):
         model.to(device)
@@ -209,7 +223,7 @@ def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.
     if trainer.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)
     blocks = list(getattr(getattr(model, "model", model), "layers", []))
-    objective = distributed.wrap(CausalLMObjective(model), blocks, trainer.strategy, world, device, dtype)
+    objective = distributed.wrap(CausalLMObjective(model, batch_hooks), blocks, trainer.strategy, world, device, dtype)
     distributed.materialize(model, device, fill)
     return objective
 
@@ -275,14 +289,16 @@ class Run:
         self.state.stage_fields.setdefault(fields.get("stage", "train"), fields)
         return fields
 
-    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, seconds: float, lr: float,
-                 micro_batches: Sequence[Batch], fields: dict[str, Any]) -> None:
+    def end_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, flops: float, seconds: float,
+                 lr: float, host_batches: Sequence[Batch], fields: dict[str, Any]) -> None:
         """Count the step; a non-finite loss or gradient (its update was skipped) is counted
         against ``trainer.max_skips`` instead of into the record."""
         state, interval, trainer = self.state, self.interval, self.trainer
         state.step += 1
         state.tokens += tokens
-        state.padded_tokens += self.ranks * sum(b["input_ids"].numel() for b in micro_batches)
+        state.padded_tokens += self.ranks * sum(b["input_ids"].numel() for b in host_batches)
+        state.padding_tokens += self.ranks * sum(token_counts(b)[2] for b in host_batches)
+        state.train_flops += flops
         state.train_s += seconds
         state.step_log.append((fields.get("stage", "train"), seconds, tokens))
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -297,6 +313,7 @@ class Run:
             interval.loss += loss
             interval.steps += 1
         interval.tokens += tokens
+        interval.flops += flops
         interval.seconds += seconds
         interval.lr, interval.grad_norm = lr, grad_norm
 
@@ -313,13 +330,15 @@ class Run:
             "tokens": state.tokens,
             "padded_tokens": state.padded_tokens,
             "tokens_per_s": interval.tokens / interval.seconds,
+            "flops": interval.flops,
+            "train_flops": state.train_flops,
             "elapsed_s": state.train_s,
             **interval.fields,
         }
         self.logger.log(record)
         self.display.train(record)
         interval.loss.zero_()
-        interval.steps, interval.tokens, interval.seconds = 0, 0, 0.0
+        interval.steps, interval.tokens, interval.flops, interval.seconds = 0, 0, 0.0, 0.0
 
     def checkpoint(self) -> Path:
         if self.interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
@@ -386,6 +405,8 @@ class Run:
             "steps": state.step,
             "tokens": state.tokens,
             "padded_tokens": state.padded_tokens,
+            "padding_share": state.padding_tokens / state.padded_tokens if state.padded_tokens else 0.0,
+            "train_flops": state.train_flops,
             "skipped_steps": state.skipped,
             "train_loss": state.train_loss,
             "initial_eval_loss": state.eval_history[0]["eval_loss"],
