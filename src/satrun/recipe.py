@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from satrun.config import TrainConfig, sparse_tokens, unread_keys
-from satrun.data import BatchStream, Corpus, build_corpus, token_counts
+from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_chats, token_counts
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
@@ -233,12 +233,15 @@ def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokeni
 
 
 def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
-    """FLOPs, ideal SAT speed-up and memory of the configured run, from the model's shape alone."""
+    """FLOPs, ideal SAT speed-up and memory of the configured run, from the model's shape alone
+    (in SFT also from the data: its share of labelled, unlabelled and padding tokens)."""
     t = cfg.trainer
     precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
+    split = _token_split(cfg) if cfg.mode.name == "sft" else None
     try:
         plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
-                          precision, cfg.selector.align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy)
+                          precision, cfg.selector.align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
+                          split, sparse_tokens(cfg), t.grad_accum)
     except ScheduleError as exc:
         raise UsageError(str(exc)) from exc
     out = run_dir / "plan.json"
@@ -248,24 +251,45 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     return plan
 
 
-def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """Plain, dense and SAT training steps timed side by side on real batches; writes bench.json."""
+def _token_split(cfg: TrainConfig) -> tuple[float, float, float]:
+    """Shares of labelled, unlabelled and padding positions in the training data's micro-batches
+    (in order; shuffled batches pad about as much)."""
+    tokenizer = load_tokenizer(cfg.model)
     t = cfg.trainer
-    _, model, corpus = load_inputs(cfg)
+    corpus = build_corpus(cfg.data, cfg.mode.name, tokenizer, t.seq_len, t.micro_batch_size, t.seed)
+    counts = [0, 0, 0]
+    for batch in eval_batches(corpus.train, t.micro_batch_size, corpus.pad_id, limit=0):
+        counts = [a + b for a, b in zip(counts, token_counts(batch))]
+    total = sum(counts)
+    return counts[0] / total, counts[1] / total, counts[2] / total
+
+
+def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
+    """Dense and SAT training steps timed side by side on real batches; writes bench.json. In
+    SFT with packing the first row is the dense step on the same chats unpacked, head everywhere."""
+    t = cfg.trainer
+    packed_sft = cfg.mode.name == "sft" and cfg.data.packing
+    _, model, corpus = load_inputs(replace(cfg, data=replace(cfg.data, packing=False)) if packed_sft else cfg)
     device = runtime.resolve_device(t.device)
     model.to(device)
-    stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
-    batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.bench.steps + 1)]
-    sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=t.seed)
+
+    def batches_of(examples: list) -> list[dict[str, torch.Tensor]]:
+        stream = BatchStream(examples, t.micro_batch_size, corpus.pad_id, t.seed)
+        return [{k: v.to(device) for k, v in next(stream).items()} for _ in range(cfg.bench.steps + 1)]
+
+    batches = batches_of(pack_chats(corpus.train, t.seq_len) if packed_sft else corpus.train)
+    sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=t.seed, tokens=sparse_tokens(cfg))
     dtype = runtime.resolve_precision(t.precision, device)
     amp = runtime.autocast(device, dtype)
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
-                     Shape.from_config(model.config), t.seq_len, device, amp, cfg.optim.grad_clip,
+                     Shape.from_config(model.config), device, amp, cfg.optim.grad_clip,
                      bf16_peak_flops(device) if dtype == torch.bfloat16 else None,
-                     _first_stage_layer_rates(cfg), _attn_rate(cfg))
+                     _first_stage_layer_rates(cfg), _attn_rate(cfg),
+                     padded_batches=batches_of(corpus.train) if packed_sft else None)
     out = run_dir / "bench.json"
     out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {device.type}, seq {t.seq_len} x {t.micro_batch_size}")
+    speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {cfg.mode.name}, {device.type}, "
+                                              f"seq {t.seq_len} x {t.micro_batch_size}")
     print_bench(rows)
     print(f"bench written to {out} and {out.with_suffix('.png').name}")
     return rows
@@ -282,25 +306,26 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     model.to(device)
     stream = BatchStream(corpus.train, t.micro_batch_size, corpus.pad_id, t.seed)
     batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(p.batches)]
-    shape, attn = Shape.from_config(model.config), _attn_rate(cfg)
+    shape, attn, tokens = Shape.from_config(model.config), _attn_rate(cfg), sparse_tokens(cfg)
+    speedup = _probe_speedup(cfg, shape, batches)
     metrics = list(dict.fromkeys([*p.metrics, cfg.metric.name]))  # the configured metric is always measured
     with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
-        result = probe.measure(model, batches, metrics, p.rates, cfg.metric, cfg.selector, p.layer_rate, attn, t.seed)
+        result = probe.measure(model, batches, metrics, p.rates, cfg.metric, cfg.selector, p.layer_rate, attn, t.seed,
+                               tokens)
         result.update(metric=cfg.metric.name, selector=cfg.selector.name, attn_rate=attn, batches=p.batches,
-                      tokens_per_batch=t.micro_batch_size * t.seq_len,
-                      ideal_speedups=[ideal_speedup(shape, t.seq_len, r, attn, cfg.selector.align) for r in p.rates])
+                      tokens_per_batch=t.micro_batch_size * t.seq_len, mode=cfg.mode.name, sparse_tokens=tokens,
+                      ideal_speedups=[speedup(r) for r in p.rates])
         if p.target_speedup is not None:
             increases = [x - result["dense_loss"] for x in result["loss"][cfg.metric.name]]
             try:
-                rates = probe.calibrate(result["sensitivity"], p.rates, increases, p.layer_rate, shape, t.seq_len,
-                                        p.target_speedup, attn, cfg.selector.align)
+                rates = probe.calibrate(result["sensitivity"], p.rates, increases, p.layer_rate, speedup, p.target_speedup)
             except ValueError as exc:
                 raise UsageError(f"probe.target_speedup={p.target_speedup}: {exc}") from exc
-            uniform = probe.uniform_rate_for(shape, t.seq_len, p.target_speedup, attn, cfg.selector.align)
+            uniform = probe.uniform_rate_for(speedup, p.target_speedup)
             result["calibration"] = {
                 "target_speedup": p.target_speedup, "layer_rates": rates, "mean_rate": sum(rates) / len(rates),
-                "ideal_speedup": ideal_speedup(shape, t.seq_len, rates, attn, cfg.selector.align), "uniform_rate": uniform,
-                **probe.verify(model, batches, cfg.metric, cfg.selector, rates, uniform, attn, t.seed),
+                "ideal_speedup": speedup(rates), "uniform_rate": uniform,
+                **probe.verify(model, batches, cfg.metric, cfg.selector, rates, uniform, attn, t.seed, tokens),
             }
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     probe_plot(result, run_dir / "probe.png", f"satrun probe: {cfg.model.name}, {p.batches} x {t.micro_batch_size} x {t.seq_len} tokens")
@@ -374,6 +399,23 @@ def _weights_to_generate_with(run: str | None) -> Path | None:
     if not (path / "config.json").is_file():
         raise UsageError(f"generate.run={run}: {path} is not a Hugging Face model folder")
     return path
+
+
+def _probe_speedup(cfg: TrainConfig, shape: Shape, batches: list[dict]) -> Callable[[Any], float]:
+    """The ideal speed-up of a sparse step at the given MLP rate(s): from the shape alone in CPT,
+    from the probe batches' labelled / unlabelled / padding tokens in SFT (where only the
+    unlabelled ones may be sparse and the LM head runs at the labelled ones)."""
+    t, attn, align = cfg.trainer, _attn_rate(cfg), cfg.selector.align
+    if cfg.mode.name == "cpt":
+        return lambda rates: ideal_speedup(shape, t.seq_len, rates, attn, align, cfg.scheduler.layers)
+    counts = [sum(c) for c in zip(*(token_counts(b) for b in batches))]
+    tokens = sparse_tokens(cfg)
+
+    def speedup(rates: Any) -> float:
+        dense = step_flops(shape, t.seq_len, counts)
+        return dense / step_flops(shape, t.seq_len, counts, rates, attn, align, cfg.scheduler.layers, tokens)
+
+    return speedup
 
 
 def _sat_overrides(cfg: TrainConfig) -> str:

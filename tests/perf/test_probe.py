@@ -12,17 +12,18 @@ from tests.sat.models import build
 
 SMOLLM2 = Shape(576, 1536, 30, 9, 3, 64, 49152, tied=True)
 RATES, CURVE = [0.1, 0.2, 0.3, 0.5], [0.1, 0.3, 0.6, 1.3]
+SPEEDUP = lambda rates: ideal_speedup(SMOLLM2, 256, rates, 0.0)  # noqa: E731  (CPT's: from the shape alone)
 
 
 def test_calibration_reaches_the_target_and_spares_sensitive_layers() -> None:
     sensitivity = [0.4, 0.1] + [0.03] * 27 + [0.08]
-    rates = probe.calibrate(sensitivity, RATES, CURVE, 0.5, SMOLLM2, 256, 1.15)
+    rates = probe.calibrate(sensitivity, RATES, CURVE, 0.5, SPEEDUP, 1.15)
     assert ideal_speedup(SMOLLM2, 256, rates, 0.0) >= 1.15
     assert rates[0] == 0.0 and rates[1] < min(rates[2:29]) and max(rates) <= max(RATES)
-    uniform = probe.uniform_rate_for(SMOLLM2, 256, 1.15)
+    uniform = probe.uniform_rate_for(SPEEDUP, 1.15)
     assert abs(sum(rates) / len(rates) - uniform) < 0.01  # the same FLOPs, spread differently
     with pytest.raises(ValueError, match="beyond reach"):
-        probe.calibrate(sensitivity, RATES, CURVE, 0.5, SMOLLM2, 256, 3.0)
+        probe.calibrate(sensitivity, RATES, CURVE, 0.5, SPEEDUP, 3.0)
 
 
 def test_curve_is_monotone_through_zero() -> None:
@@ -59,3 +60,31 @@ def test_sensitivity_from_kept_layer_inputs_equals_full_forwards() -> None:
     fast = probe._sensitivity(model, batches, sat, 0.5, 0.0, dense)
     slow = [probe._loss(model, batches, sat, [0.5 if j == layer else 0.0 for j in range(2)]) - dense for layer in range(2)]
     assert fast == pytest.approx(slow, abs=1e-5) and all(abs(x) > 1e-4 for x in fast)
+
+
+def test_sft_sensitivity_on_packed_rows_with_the_token_split_equals_full_forwards() -> None:
+    """The SFT probe: packed chats (their position ids replayed into every layer) and only the
+    unlabelled tokens sparse; the kept-input shortcut equals full forwards."""
+    from satrun.data.batches import collate
+    from satrun.data.packing import pack_chats
+    from satrun.labels import IGNORE
+    from satrun.sat import Sparsifier
+
+    model = build("llama-gqa")
+    g = torch.Generator().manual_seed(2)
+    chats = []
+    for n, prompt in [(9, 5), (7, 4), (11, 6), (5, 3), (8, 5), (6, 2)]:
+        ids = torch.randint(0, 97, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE
+        chats.append((ids, labels))
+    rows = pack_chats(chats, 16)
+    batches = [collate(rows[:2], 0), collate(rows[2:], 0)]
+    assert all("position_ids" in b for b in batches)
+    sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=2), SelectorConfig(), seed=3, tokens="unlabelled")
+    dense = probe._loss(model, batches)
+    fast = probe._sensitivity(model, batches, sat, 0.5, 0.0, dense)
+    slow = [probe._loss(model, batches, sat, [0.5 if j == layer else 0.0 for j in range(2)]) - dense for layer in range(2)]
+    assert fast == pytest.approx(slow, abs=1e-5) and abs(fast[0]) > 1e-5
+    # the last layer's unlabelled rows reach no loss (no later layer attends to them): free to omit
+    assert fast[1] == 0.0

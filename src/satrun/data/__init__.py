@@ -19,7 +19,7 @@ from satrun.data.sources import load_raw
 from satrun.errors import UsageError
 
 __all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "GlobalBatchSampler", "collate", "eval_batches",
-           "label_tokens", "loss_rows", "token_counts"]
+           "label_tokens", "loss_rows", "pack_chats", "token_counts"]
 
 FORMAT_VERSION = "1"  # bump when tokenization changes, to invalidate cached datasets
 

@@ -1,12 +1,16 @@
 """Dense and SAT training steps timed side by side, in one process, on the same batches.
 
-The rows are a plain transformers loop (``model(input_ids, labels=labels).loss``), satrun's dense
-step and satrun's step at every rate. They are interleaved one step at a time, in a rotating
-order, after one untimed round: on a noisy machine a slow spell then hits every row alike. Every
-row of a round trains on the same batch. Reported per row: median step time and tokens/s,
-speed-up over satrun's dense step (the median over rounds of the dense step's time over the
-row's, both timed in that round on that batch), the FLOP model's ideal speed-up, efficiency =
-(measured - 1) / (ideal - 1), the share of step time spent scoring and selecting, peak memory.
+The rows are a plain transformers loop (``model(input_ids, labels=labels).loss``, CPT only),
+satrun's dense step and satrun's step at every rate. They are interleaved one step at a time, in
+a rotating order, after one untimed round: on a noisy machine a slow spell then hits every row
+alike. Every row of a round trains on the same batch, except in SFT the row "dense, padded, full
+head": satrun's dense step as it was before packing (micro-batches of whole chats padded to the
+longest, the LM head at every position) on the chats of its own stream. Reported per row: median
+step time and labelled tokens/s, speed-up over satrun's dense step (the median over rounds of
+the row's labelled tokens/s over the dense step's, both timed in that round; on the same batch
+that is the ratio of step times), the FLOP model's ideal speed-up (labelled tokens per FLOP,
+against the dense step), efficiency = (measured - 1) / (ideal - 1), the share of step time spent
+scoring and selecting, peak memory.
 """
 
 from __future__ import annotations
@@ -19,13 +23,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from satrun.perf.flops import Shape, ideal_speedup, token_flops
+from satrun.perf.flops import Shape, step_flops, token_flops
 from satrun.perf.memory import peak_bytes, resident_tensors
 from satrun.sat.sparsifier import Sparsifier
 from satrun.training import runtime
-from satrun.data import label_tokens
+from satrun.data import label_tokens, token_counts
 from satrun.perf.settings import BenchConfig
-from satrun.training.loss import CausalLMObjective
+from satrun.training.loss import CausalLMObjective, causal_lm_loss
 from satrun.training.trainer import train_step
 
 
@@ -50,8 +54,20 @@ def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _satrun_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, amp: Any) -> None:
-    train_step(CausalLMObjective(model), optimizer, [batch], grad_clip, amp)
+class _SatrunStep:
+    """satrun's training step: the batch hook hands a token-aware sparsifier its rows;
+    ``every_position`` runs the LM head everywhere (the step before the labelled-only head)."""
+
+    def __init__(self, sparsifier: Sparsifier, every_position: bool = False) -> None:
+        hooks = [] if sparsifier.tokens == "all" else [lambda b: sparsifier.set_token_rows(b["loss_rows"], b["free_rows"])]
+        self.hooks, self.every_position = hooks, every_position
+
+    def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float,
+                 amp: Any) -> None:
+        objective = CausalLMObjective(model, self.hooks)
+        if self.every_position:
+            objective.forward = lambda b, n: causal_lm_loss(model, b, n, every_position=True)  # type: ignore[method-assign]
+        train_step(objective, optimizer, [batch], grad_clip, amp)
 
 
 def _quartiles(values: list[float]) -> list[float]:
@@ -62,8 +78,7 @@ def _quartiles(values: list[float]) -> list[float]:
     return [first, third]
 
 
-def _step_of(name: str) -> Callable[..., None]:
-    return _plain_step if name == "plain" else _satrun_step
+PADDED = "dense, padded, full head"  # SFT: satrun's dense step before packing and the labelled-only head
 
 
 def run_bench(
@@ -73,53 +88,78 @@ def run_bench(
     batches: Sequence[dict],
     cfg: BenchConfig,
     shape: Shape,
-    seq_len: int,
     device: torch.device,
     amp: Any = contextlib.nullcontext(),
     grad_clip: float = 1.0,
     peak_flops: float | None = None,
     layer_rates: Sequence[float] | None = None,
     layer_attn_rate: float = 0.0,
+    padded_batches: Sequence[dict] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per configuration: "plain", "dense", then each rate (MLP channels, and heads at
-    the same rate with ``cfg.heads``), then with ``layer_rates`` a row "layer rates" at those
-    per-layer MLP rates (the first stage's under ``scheduler.layer_scale``) and ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the
-    step's precision), each row also gets its model FLOP utilisation."""
+    """One row per configuration: "plain" (CPT) or, given ``padded_batches`` (SFT: the same
+    chats unpacked), "dense, padded, full head"; "dense"; then each rate (MLP channels, and
+    heads at the same rate with ``cfg.heads``; MLP channels only where the sparsifier omits
+    neurons for unlabelled tokens only), then with ``layer_rates`` a row "layer rates" at those
+    per-layer MLP rates (the first stage's under ``scheduler.layer_scale``) and
+    ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the step's precision), each
+    row also gets its model FLOP utilisation."""
     model.train()
-    configs: list[tuple[str, Any, float]] = [("plain", 0.0, 0.0), ("dense", 0.0, 0.0)]
-    configs += [(f"rate {r:g}", r, r if cfg.heads else 0.0) for r in cfg.rates]
+    token_aware = sparsifier.tokens != "all"
+    heads = cfg.heads and not token_aware
+    first = (PADDED, 0.0, 0.0) if padded_batches is not None else ("plain", 0.0, 0.0)
+    configs: list[tuple[str, Any, float]] = [first, ("dense", 0.0, 0.0)]
+    configs += [(f"rate {r:g}", r, r if heads else 0.0) for r in cfg.rates]
     if layer_rates is not None:
         configs.append(("layer rates", tuple(layer_rates), layer_attn_rate))
+    steps: dict[str, Callable[..., None]] = {"plain": _plain_step, PADDED: _SatrunStep(sparsifier, every_position=True)}
+    satrun_step = _SatrunStep(sparsifier)
+    data = {name: padded_batches if name == PADDED else batches for name, *_ in configs}
     times: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    labelled: dict[str, list[int]] = {name: [] for name, *_ in configs}
     select: dict[str, list[float]] = {name: [] for name, *_ in configs}
-    tokens = statistics.mean(label_tokens(b) for b in batches)
     for round_ in range(cfg.repeats * cfg.steps + 1):  # round 0 is warm-up
         shift = round_ % len(configs)  # rotate the order: no row always runs first
-        batch = batches[round_ % len(batches)]
         for name, rate, attn_rate in configs[shift:] + configs[:shift]:
+            batch = data[name][round_ % len(data[name])]
             sparsifier.set_rates(rate, attn_rate, step=0)
             before = sparsifier.select_s
             runtime.synchronize(device)
             started = time.perf_counter()
-            _step_of(name)(model, optimizer, batch, grad_clip, amp)
+            steps.get(name, satrun_step)(model, optimizer, batch, grad_clip, amp)
             runtime.synchronize(device)
             if round_:
                 times[name].append(time.perf_counter() - started)
+                labelled[name].append(label_tokens(batch))
                 select[name].append((sparsifier.select_s - before) / times[name][-1])
     peak = {}
     for name, rate, attn_rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
         sparsifier.set_rates(rate, attn_rate, step=0)
-        step = _step_of(name)
-        peak[name] = peak_bytes(lambda: step(model, optimizer, batches[0], grad_clip, amp), device,
+        step = steps.get(name, satrun_step)
+        peak[name] = peak_bytes(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
+    align, layers, tokens_mode = sparsifier.selector.align, sparsifier.layers, sparsifier.tokens
+
+    def flops_per_label(name: str, rate: Any, attn_rate: float) -> float:
+        """The FLOP model's training FLOPs per labelled token of the row's batches."""
+        total = 0.0
+        for b in data[name]:
+            length = b["input_ids"].shape[1]
+            if name in (PADDED, "plain"):  # every position through the whole model, head included
+                total += b["input_ids"].numel() * token_flops(shape, length).train
+            else:
+                total += step_flops(shape, length, token_counts(b), rate, attn_rate, align, layers, tokens_mode)
+        return total / sum(label_tokens(b) for b in data[name])
+
+    dense_cost = flops_per_label("dense", 0.0, 0.0)
+    dense_rate = [n / t for n, t in zip(labelled["dense"], times["dense"])]
     rows = []
     for name, rate, attn_rate in configs:
         step_s = statistics.median(times[name])
-        align, layers = sparsifier.selector.align, sparsifier.layers
-        sparse = name not in ("plain", "dense")
-        ideal = ideal_speedup(shape, seq_len, rate, attn_rate, align, layers) if sparse else 1.0
-        flops = tokens * token_flops(shape, seq_len, rate, attn_rate, align, layers).train  # the work this row really does
-        ratios = [d / t for d, t in zip(times["dense"], times[name])]  # paired: same round, same batch
+        tokens = statistics.mean(labelled[name])
+        cost = flops_per_label(name, rate, attn_rate)
+        ideal = dense_cost / cost
+        flops = tokens * cost  # the work this row really does per step
+        ratios = [n / t / d for n, t, d in zip(labelled[name], times[name], dense_rate)]  # paired: same round
         measured = statistics.median(ratios)
         rows.append({
             "name": name,
@@ -128,12 +168,12 @@ def run_bench(
             "step_s_spread": [min(times[name]), max(times[name])],
             "step_s_samples": times[name],
             "tokens_per_step": tokens,  # label tokens: SAT's per-weight costs weigh less as they grow
-            "tokens_per_s": tokens / step_s,
+            "tokens_per_s": sum(labelled[name]) / sum(times[name]),
             "speedup": measured,
             "speedup_quartiles": _quartiles(ratios),
             "ideal_speedup": ideal,
             # (measured - 1) / (ideal - 1) means nothing where the ideal gain is within noise
-            "efficiency": (measured - 1) / (ideal - 1) if ideal > 1.02 else None,
+            "efficiency": (measured - 1) / (ideal - 1) if abs(ideal - 1) > 0.02 else None,
             "overhead_share": statistics.median(select[name]),
             "peak_mem_bytes": peak[name],
             "mfu": flops / step_s / peak_flops if peak_flops else None,
@@ -145,9 +185,10 @@ def print_bench(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tokens = f", {rows[0]['tokens_per_step']:.0f} tokens per step" if rows else ""
-    table = Table(title=f"satrun bench (speed-up over satrun's dense step{tokens})")
-    for column in ("row", "s/step", "tokens/s", "speed-up", "ideal", "efficiency", "scoring+selection", "peak mem", "MFU"):
+    dense = next((r for r in rows if r["name"] == "dense"), None)
+    tokens = f", {dense['tokens_per_step']:.0f} labelled tokens per step" if dense else ""
+    table = Table(title=f"satrun bench (labelled tokens/s against satrun's dense step{tokens})")
+    for column in ("row", "s/step", "labelled tokens/s", "speed-up", "ideal", "efficiency", "scoring+selection", "peak mem", "MFU"):
         table.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
     for r in rows:
         table.add_row(

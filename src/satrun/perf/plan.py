@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from satrun.errors import UsageError
-from satrun.perf.flops import Shape, token_flops
+from satrun.perf.flops import Shape, step_flops, token_flops
 from satrun.sat.schedule import Stage
 
 BYTES = {"fp32": 4, "bf16": 2}
@@ -75,18 +75,34 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int)
 def build_plan(
     shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str, align: int = 1,
     layers: Optional[Sequence[int]] = None, ranks: int = 1, strategy: str = "auto",
+    split: Optional[Sequence[float]] = None, sparse_tokens: str = "all", grad_accum: int = 1,
 ) -> dict[str, Any]:
     """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate per rank.
     ``align`` and ``layers`` are the selector's rounding and the sparsified layers, as in
-    training; ``ranks`` and ``strategy`` the data parallelism (fsdp shards the model state)."""
+    training; ``ranks`` and ``strategy`` the data parallelism (fsdp shards the model state).
+
+    ``split`` gives the shares of a step's positions that are labelled, unlabelled and padding
+    (SFT: measured on the data); stages then cost what ``step_flops`` says (the LM head at
+    labelled positions only, ``sparse_tokens`` choosing the sparse ones), and the run's training FLOPs
+    are estimated, dense and SAT. Without it every position is a labelled token (CPT)."""
     dense = token_flops(shape, seq_len)
+    positions = seq_len * micro_batch * grad_accum * ranks  # per optimizer step, all ranks
+
+    def per_position(mlp_rates: Any, attn_rates: Any) -> float:
+        if split is None:
+            return token_flops(shape, seq_len, mlp_rates, attn_rates, align).train
+        return step_flops(shape, seq_len, split, mlp_rates, attn_rates, align, tokens=sparse_tokens)
+
+    dense_cost = per_position(0.0, 0.0)
     rows = []
     for stage in stages:
         mlp_rates, attn_rates = stage.per_layer(shape.layers, layers)
         flops = token_flops(shape, seq_len, mlp_rates, attn_rates, align)
+        cost = per_position(mlp_rates, attn_rates)
         rows.append({
             "name": stage.name, "steps": stage.steps, "mlp_rate": stage.mlp_rate, "attn_rate": stage.attn_rate,
-            "mlp_layer_rates": mlp_rates, "flops_per_token": flops.as_dict(), "ideal_speedup": dense.train / flops.train,
+            "mlp_layer_rates": mlp_rates, "flops_per_token": flops.as_dict(), "train_flops_per_position": cost,
+            "ideal_speedup": dense_cost / cost,
         })
     total_steps = sum(r["steps"] for r in rows)
     sat_time = sum(r["steps"] / r["ideal_speedup"] for r in rows)  # in units of one dense step
@@ -103,6 +119,9 @@ def build_plan(
         "stages": rows,
         "run_ideal_speedup": total_steps / sat_time if sat_time else 1.0,
         "run_flop_fraction": sat_time / total_steps if total_steps else 1.0,  # SAT's training FLOPs over dense's
+        "token_split": None if split is None else dict(zip(("labelled", "unlabelled", "padding"), split)),
+        "sparse_tokens": sparse_tokens,
+        "train_flops": {"dense": total_steps * positions * dense_cost, "sat": sat_time * positions * dense_cost},
         "ranks": ranks,
         "strategy": strategy,
         "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act),
@@ -140,14 +159,20 @@ def print_plan(plan: dict[str, Any]) -> None:
     console.print(parts)
     stages = Table(title=f"SAT stages (whole-run ideal speed-up {plan['run_ideal_speedup']:.2f}x, "
                          f"{100 * plan['run_flop_fraction']:.1f}% of dense training FLOPs)")
-    for column in ("stage", "steps", "mlp/attn rate", "train GFLOPs/token", "ideal speed-up"):
+    for column in ("stage", "steps", "mlp/attn rate", "train GFLOPs/position", "ideal speed-up"):
         stages.add_column(column, justify="left" if column == "stage" else "right")
     for row in plan["stages"]:
         stages.add_row(
             row["name"], str(row["steps"]), f"{row['mlp_rate']:.2f}/{row['attn_rate']:.2f}",
-            f"{row['flops_per_token']['train'] / 1e9:.3f}", f"{row['ideal_speedup']:.2f}x",
+            f"{row['train_flops_per_position'] / 1e9:.3f}", f"{row['ideal_speedup']:.2f}x",
         )
     console.print(stages)
+    split, flops = plan["token_split"], plan["train_flops"]
+    if split is not None:
+        console.print(f"token split (measured on the data): {100 * split['labelled']:.1f}% labelled, "
+                      f"{100 * split['unlabelled']:.1f}% unlabelled, {100 * split['padding']:.1f}% padding; "
+                      f"neurons omitted for {plan['sparse_tokens']} tokens; the LM head runs at labelled positions")
+    console.print(f"training FLOPs of the run: dense {flops['dense']:.3e}, SAT {flops['sat']:.3e}")
     mem = plan["memory_bytes"]
     memory = Table(title=f"memory estimate (micro-batch {plan['micro_batch_size']}, activations in {plan['precision']})")
     memory.add_column("what")

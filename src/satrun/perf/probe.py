@@ -23,16 +23,23 @@ target is met.
 from __future__ import annotations
 
 import statistics
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from satrun.data import label_tokens
-from satrun.perf.flops import Shape, ideal_speedup
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
 from satrun.labels import IGNORE
 from satrun.training.loss import causal_lm_loss, linear_cross_entropy
+
+Speedup = Callable[[Union[float, Sequence[float]]], float]  # MLP rate(s) -> the ideal speed-up of a sparse step
+
+
+def _use(sparsifier: Sparsifier, batch: dict) -> None:
+    """A token-aware sparsifier learns the batch's dense and sparse rows."""
+    if sparsifier.tokens != "all":
+        sparsifier.set_token_rows(batch["loss_rows"], batch["free_rows"])
 
 
 def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[Sparsifier] = None,
@@ -43,6 +50,7 @@ def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[
         for i, batch in enumerate(batches):
             if sparsifier is not None:
                 sparsifier.set_rates(mlp_rate, attn_rate, step=i)  # a fresh, seeded draw per batch
+                _use(sparsifier, batch)
             losses.append(causal_lm_loss(model, batch, label_tokens(batch)).item())  # the training loss, chunked
     return statistics.mean(losses)
 
@@ -57,21 +65,24 @@ def measure(
     layer_rate: float,
     attn_rate: float = 0.0,
     seed: int = 0,
+    tokens: str = "all",
 ) -> dict[str, Any]:
     """Dense loss, loss per (metric, rate), and each layer's loss increase at ``layer_rate``.
 
     The sub-networks are computed as in training (train mode, sparse path); ``metric`` (stride
-    and name) and ``selector`` are the configured ones, the metric name replaced per row."""
+    and name) and ``selector`` are the configured ones, the metric name replaced per row;
+    ``tokens`` which tokens omit neurons (``unlabelled``: the loss is then the answers' loss with
+    the prompts computed sparsely)."""
     model.train()  # the sparse path runs in training mode; Llama-family models have no dropout here
     dense = _loss(model, batches)
     curves: dict[str, list[float]] = {}
     for name in metrics:
-        sat = Sparsifier(model, MetricConfig(name=name, token_stride=metric.token_stride), selector, seed=seed)
+        sat = Sparsifier(model, MetricConfig(name=name, token_stride=metric.token_stride), selector, seed=seed, tokens=tokens)
         try:
             curves[name] = [_loss(model, batches, sat, rate, attn_rate) for rate in rates]
         finally:
             sat.remove()
-    sat = Sparsifier(model, metric, selector, seed=seed)
+    sat = Sparsifier(model, metric, selector, seed=seed, tokens=tokens)
     try:
         sensitivity = _sensitivity(model, batches, sat, layer_rate, attn_rate, dense)
     finally:
@@ -87,7 +98,8 @@ def _layer_inputs(model: torch.nn.Module, batch: dict) -> list[tuple[tuple, dict
     hooks = [layer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True) for layer in layers]
     try:
         with torch.no_grad():
-            model.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            model.model(**inputs, use_cache=False)  # position ids: packed rows keep their chats apart
     finally:
         for hook in hooks:
             hook.remove()
@@ -100,10 +112,12 @@ def _sensitivity(model: torch.nn.Module, batches: Sequence[dict], sat: Sparsifie
     n = sat.num_layers
     increases = [0.0] * n
     for i, batch in enumerate(batches):
+        sat.set_rates(0.0, 0.0, step=i)  # the layers' inputs of a dense forward
         calls = _layer_inputs(model, batch)
         targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE)[:, 1:].flatten()
         for layer in range(n):
             sat.set_rates([layer_rate if j == layer else 0.0 for j in range(n)], attn_rate, step=i)
+            _use(sat, batch)
             with torch.no_grad():
                 args, kwargs = calls[layer]
                 hidden = args[0] if args else kwargs["hidden_states"]
@@ -140,16 +154,14 @@ def calibrate(
     rates: Sequence[float],
     increases: Sequence[float],
     layer_rate: float,
-    shape: Shape,
-    seq_len: int,
+    speedup: Speedup,
     target_speedup: float,
-    attn_rate: float = 0.0,
-    align: int = 1,
     step: float = 0.05,
 ) -> list[float]:
-    """Per-layer MLP rates whose ideal speed-up reaches ``target_speedup`` at the least predicted
-    loss increase (module docstring). No layer goes past the largest measured rate (the curve is
-    not extrapolated). Raises ValueError if even that rate everywhere falls short."""
+    """Per-layer MLP rates whose ideal speed-up (``speedup(rates)``, the FLOP model's for the
+    run's shape and tokens) reaches ``target_speedup`` at the least predicted loss increase
+    (module docstring). No layer goes past the largest measured rate (the curve is not
+    extrapolated). Raises ValueError if even that rate everywhere falls short."""
     g = _curve(rates, increases)
     max_rate = max(rates)
     scale = g(layer_rate) or 1e-9
@@ -159,22 +171,22 @@ def calibrate(
         return sens[layer] * g(r) / scale
 
     n = len(sens)
-    if ideal_speedup(shape, seq_len, [max_rate] * n, attn_rate, align) < target_speedup:
+    if speedup([max_rate] * n) < target_speedup:
         raise ValueError(f"target speed-up {target_speedup} is beyond reach at rate {max_rate} in every layer")
     chosen = [0.0] * n
-    while ideal_speedup(shape, seq_len, chosen, attn_rate, align) < target_speedup:
+    while speedup(chosen) < target_speedup:
         options = [(cost(i, min(max_rate, r + step)) - cost(i, r), i) for i, r in enumerate(chosen) if r < max_rate - 1e-9]
         _, best = min(options)
         chosen[best] = round(min(max_rate, chosen[best] + step), 6)
     return chosen
 
 
-def uniform_rate_for(shape: Shape, seq_len: int, target: float, attn_rate: float = 0.0, align: int = 1) -> float:
-    """The smallest uniform MLP rate (to 0.001) whose ideal speed-up reaches ``target``."""
+def uniform_rate_for(speedup: Speedup, target: float) -> float:
+    """The smallest uniform MLP rate (to 0.001) whose ideal speed-up ``speedup(rate)`` reaches ``target``."""
     lo, hi = 0.0, 0.999
     for _ in range(40):
         mid = (lo + hi) / 2
-        if ideal_speedup(shape, seq_len, mid, attn_rate, align) >= target:
+        if speedup(mid) >= target:
             hi = mid
         else:
             lo = mid
@@ -182,9 +194,10 @@ def uniform_rate_for(shape: Shape, seq_len: int, target: float, attn_rate: float
 
 
 def verify(model: torch.nn.Module, batches: Sequence[dict], metric: MetricConfig, selector: SelectorConfig,
-           layer_rates: Sequence[float], uniform: float, attn_rate: float = 0.0, seed: int = 0) -> dict[str, float]:
+           layer_rates: Sequence[float], uniform: float, attn_rate: float = 0.0, seed: int = 0,
+           tokens: str = "all") -> dict[str, float]:
     """Measured loss of the calibrated per-layer rates and of a uniform rate of equal FLOPs."""
-    sat = Sparsifier(model, metric, selector, seed=seed)
+    sat = Sparsifier(model, metric, selector, seed=seed, tokens=tokens)
     try:
         return {"calibrated_loss": _loss(model, batches, sat, list(layer_rates), attn_rate),
                 "uniform_loss": _loss(model, batches, sat, uniform, attn_rate)}
