@@ -2,9 +2,11 @@
 
     python scripts/quality_report.py OUT_DIR [--bench BENCH_JSON] LABEL=RUN_DIR [LABEL=RUN_DIR ...]
 
-Each run's training FLOPs come from the FLOP model (satrun.perf.flops), step by step: a step of
-stage S costs 1 / ideal_speedup(S) dense steps (its own per-layer rates, align and layers), so
-the x axis is in dense steps of the same batch. Training time: with --bench, each step costs the
+Each run's training FLOPs come from the FLOP model (satrun.perf.flops): runs whose train records
+carry ``train_flops`` (the step's real token counts at its rates; every run since the SFT token
+split) are plotted against those, in PFLOPs, and their FLOP fraction is against the first run
+given; older runs step by step: a step of stage S costs 1 / ideal_speedup(S) dense steps (its own
+per-layer rates, align and layers), so the x axis is in dense steps of the same batch. Training time: with --bench, each step costs the
 step time `satrun bench` measured for its configuration (dense and sparse side by side in one
 process: the "dense" row, and the row of the stage's MLP rate), so runs made one beside another
 still compare fairly; stages the bench did not time leave the run off that plot. Without it,
@@ -35,7 +37,7 @@ def _bench_step_s(rows: list[dict[str, Any]], stage: Any) -> float | None:
     if stage.dense:
         return next(r["step_s"] for r in rows if r["name"] == "dense")
     for r in rows:
-        if r["name"] not in ("plain", "dense") and abs(r["rate"] - stage.mlp_rate) < 1e-6:
+        if r["name"].startswith(("rate ", "layer rates")) and abs(r["rate"] - stage.mlp_rate) < 1e-6:
             return r["step_s"]
     return None
 
@@ -64,6 +66,9 @@ def read_run(folder: Path, bench: list[dict[str, Any]] | None = None) -> dict[st
         elapsed = dict(enumerate(times))
     evals = [(r["step"], r["eval_loss"]) for r in records if r["kind"] == "eval"]
     summary = json.loads((folder / "summary.json").read_text())
+    train = [r for r in records if r["kind"] == "train"]
+    measured = "train_flops" in summary and all("train_flops" in r for r in train)
+    pflops = {0: 0.0, **{r["step"]: r["train_flops"] / 1e15 for r in train}} if measured else {}
     return {
         "steps": t.max_steps,
         "flop_fraction": total / t.max_steps,
@@ -71,8 +76,9 @@ def read_run(folder: Path, bench: list[dict[str, Any]] | None = None) -> dict[st
         "initial_eval_loss": summary["initial_eval_loss"],
         "eval_loss": summary["eval_loss"],
         "train_s": summary["train_s"] if bench is None else elapsed.get(t.max_steps),
-        "curve": [{"step": s, "dense_steps": flops_at[s], "train_s": elapsed.get(s, 0.0 if s == 0 else None), "eval_loss": v}
-                  for s, v in evals],
+        "train_flops": summary["train_flops"] if measured else None,
+        "curve": [{"step": s, "dense_steps": flops_at[s], "pflops": pflops.get(s),
+                   "train_s": elapsed.get(s, 0.0 if s == 0 else None), "eval_loss": v} for s, v in evals],
         "stages": [{"name": s.name, "steps": s.steps, "mlp_rate": s.mlp_rate, "attn_rate": s.attn_rate} for s in stages],
         "run_dir": str(folder),
     }
@@ -104,15 +110,24 @@ def main(argv: list[str]) -> int:
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
     runs = {label: read_run(Path(folder), bench) for label, folder in (a.split("=", 1) for a in argv[1:])}
+    measured = all(r["train_flops"] is not None for r in runs.values())
+    if measured:  # FLOPs as counted during training, against the first run's
+        first = next(iter(runs.values()))["train_flops"]
+        for r in runs.values():
+            r["flop_fraction"] = r["train_flops"] / first
     (out / "quality.json").write_text(json.dumps(runs, indent=2) + "\n")
-    lines = ["| run | steps | FLOPs (dense = 1) | held-out loss: start | end | training time (s) |", "|---|---|---|---|---|---|"]
+    lines = [f"| run | steps | FLOPs ({next(iter(runs)) if measured else 'dense'} = 1) | held-out loss: start | end | "
+             "training time (s) |", "|---|---|---|---|---|---|"]
     for label, r in runs.items():
         time = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
         lines.append(f"| {label} | {r['steps']} | {r['flop_fraction']:.3f} | {r['initial_eval_loss']:.4f} | "
                      f"{r['eval_loss']:.4f} | {time} |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(runs, "dense_steps", "training FLOPs, in dense steps of 4 x 256 tokens (FLOP model)", out / "loss_vs_flops.png")
+    if measured:
+        plot(runs, "pflops", "training FLOPs (PFLOP; FLOP model, the steps' real token counts)", out / "loss_vs_flops.png")
+    else:
+        plot(runs, "dense_steps", "training FLOPs, in dense steps of 4 x 256 tokens (FLOP model)", out / "loss_vs_flops.png")
     xlabel = "training time (s; steps timed by satrun bench)" if bench else "training time (s, this machine)"
     plot({k: v for k, v in runs.items() if v["train_s"] is not None}, "train_s", xlabel, out / "loss_vs_time.png")
     return 0

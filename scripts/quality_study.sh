@@ -12,7 +12,16 @@
 #   sat150-s7, denseN-s7   the same pair with seed 7 (evaluated at start and end only)
 #   paper150      the paper-shaped SAT of earlier releases (maxip, max-normalised sampling,
 #                 zero fill, LORS ladder from MLP rate 0.5), 150 steps
-# SFT (chatterbot, 30 steps of 4 chats): sft-dense30, sft-sat30, sft-denseN.
+# SFT (chatterbot, packed into rows of 256 tokens, 40 steps of 4 rows, held-out answer loss on
+# all held-out chats every 10 steps), both with every exact saving (packing, the LM head at
+# labelled positions only):
+#   sft-dense40   dense training, 40 steps
+#   sft-sat40     `satrun train mode=sft data=chatterbot` as shipped (token-aware SAT), 40 steps
+#   sft-denseN    dense training with its own full schedule for N = round(40 x sft-sat40's
+#                 train_flops / sft-dense40's) steps: the same training FLOPs as sft-sat40
+#   the same three with seed 1 (-s1)
+#   sft-sat40-u07 token-aware SAT at MLP rate 0.7 in layers 4-29 (the forward screen's hint)
+# About 25 min.
 # Then the probe that calibrated the default (and the same probe under top-k and under the
 # paper's max-normalised sampling with zero fill), and the plots/tables (scripts/quality_report.py).
 #
@@ -26,6 +35,7 @@
 #
 #   scripts/quality_study.sh                 # into outputs/quality-study
 #   OUT=elsewhere ONLY="dense150 sat150" scripts/quality_study.sh
+#   ONLY=sft scripts/quality_study.sh       # the SFT runs alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/quality-study}
@@ -35,12 +45,14 @@ ONLY=${ONLY:-}
 mkdir -p "$OUT"
 
 CPT=(trainer.max_steps=150 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
-SFT=(mode=sft data=chatterbot trainer.max_steps=30 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
+SFT=(mode=sft data=chatterbot trainer.max_steps=40 trainer.eval_every=10 trainer.eval_batches=0 trainer.progress=log)
 PAPER=(metric=maxip metric.token_stride=16 selector.normalize=max selector.fill=zero "~calibration")
 
 run() {  # run NAME OVERRIDES...: one satrun train into $OUT/NAME, skipped when done or not in ONLY
     local name=$1; shift
-    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && ! { [[ " $ONLY " == *" sft "* ]] && [[ $name == sft-* ]]; }; then
+        return
+    fi
     if [ -f "$OUT/$name/summary.json" ]; then echo "$name: done already"; return; fi
     rm -rf "${OUT:?}/$name"
     echo "$name: satrun train $*"
@@ -77,10 +89,20 @@ run sat150-s7 "${CPT[@]}" trainer.eval_every=0 trainer.seed=7
 run "dense$N-s7" "${CPT[@]}" trainer.eval_every=0 trainer.seed=7 scheduler=dense trainer.max_steps="$N"
 run paper150 "${CPT[@]}" "${PAPER[@]}"
 
-NS=$(dense_steps 30 mode=sft data=chatterbot)
-run sft-dense30 "${SFT[@]}" scheduler=dense
-run sft-sat30 "${SFT[@]}"
-run "sft-dense$NS" "${SFT[@]}" scheduler=dense trainer.max_steps="$NS"
+same_flops() {  # same_flops SAT_RUN DENSE_RUN: the dense steps whose FLOPs match the SAT run's (from summary.json)
+    "$PYTHON" -c "import json,sys; s,d=(json.load(open(f+'/summary.json')) for f in sys.argv[1:]); print(round(d['steps'] * s['train_flops'] / d['train_flops']))" "$1" "$2"
+}
+for seed in 1234 1; do
+    tag=$([ "$seed" = 1234 ] && echo "" || echo "-s$seed")
+    run "sft-dense40$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense
+    run "sft-sat40$tag" "${SFT[@]}" trainer.seed=$seed
+    if [ -f "$OUT/sft-sat40$tag/summary.json" ] && [ -f "$OUT/sft-dense40$tag/summary.json" ]; then
+        NS=$(same_flops "$OUT/sft-sat40$tag" "$OUT/sft-dense40$tag")
+        run "sft-dense$NS$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$NS"
+    fi
+done
+run sft-sat40-u07 "${SFT[@]}" "~calibration" scheduler.rate=0.606667 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 \
+    scheduler.dense_fraction=0.1 scheduler.layer_scale="[0,0,0,0$(printf ',1.153846%.0s' {1..26})]"
 
 if [ -z "$ONLY" ] || [[ " $ONLY " == *" bench "* ]]; then  # step times of dense and the default's sparse stage
     "$SATRUN" bench bench.rates=[0.3] bench.steps=3 bench.repeats=2 hydra.run.dir="$OUT/bench" > "$OUT/bench.log" 2>&1

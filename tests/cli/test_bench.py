@@ -28,7 +28,7 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     assert dense["speedup"] == pytest.approx(1.0) and dense["overhead_share"] == 0.0
     assert sparse["rate"] == 0.5 and sparse["ideal_speedup"] > 1.0 and 0.0 < sparse["overhead_share"] < 1.0
     assert all(r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"]) for r in rows)
-    assert 0 < rows[0]["tokens_per_step"] <= 64 * 4 and "tokens per step" in result.stdout
+    assert 0 < rows[0]["tokens_per_step"] <= 64 * 4 and "labelled tokens per step" in result.stdout
     paired = [d / t for d, t in zip(dense["step_s_samples"], sparse["step_s_samples"])]  # round by round
     assert len(paired) == 3 and sparse["speedup"] == pytest.approx(statistics.median(paired))
     low, _, high = sorted(paired)  # inclusive quartiles of three values: midpoints towards the median
@@ -37,6 +37,21 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     assert all(r["mfu"] is None for r in rows)  # no known peak on CPU
     assert 0 < sparse["peak_mem_bytes"] < dense["peak_mem_bytes"]  # counted tensor bytes on CPU
     assert (tmp_path / "bench" / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_sft_bench_times_the_padded_step_beside_the_packed_and_token_aware_ones(satrun, tmp_path: Path) -> None:
+    result = satrun("bench", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "bench.steps=1",
+                    "bench.repeats=2", "bench.rates=[0.5]", "hydra.run.dir=bench")
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench" / "bench.json").read_text())}
+    assert list(rows) == ["dense, padded, full head", "dense", "rate 0.5"]  # no plain row: it would cross chats
+    padded, dense, sparse = rows["dense, padded, full head"], rows["dense"], rows["rate 0.5"]
+    # packed rows of 128 tokens hold several chats: more labelled tokens per step than 4 padded chats
+    assert dense["tokens_per_step"] > padded["tokens_per_step"] > 0
+    # the padded step runs the head everywhere and pads: more FLOPs per labelled token
+    assert padded["ideal_speedup"] < 1.0 and dense["ideal_speedup"] == 1.0 < sparse["ideal_speedup"]
+    assert 0.0 < sparse["overhead_share"] < 1.0 and padded["overhead_share"] == 0.0
+    assert len(padded["step_s_samples"]) == 2 and padded["speedup"] > 0 and "dense, padded, full head" in result.stdout
 
 
 def test_bench_rejects_rates_outside_zero_one(satrun) -> None:

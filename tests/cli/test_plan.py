@@ -93,3 +93,21 @@ def test_plan_of_the_default_model_uses_its_calibration(satrun, tmp_path: Path) 
     assert len(rates) == 30 and rates[0] == 0.0 and max(rates) == pytest.approx(0.5, abs=1e-5)
     assert sparse["mlp_rate"] == pytest.approx(sum(rates) / 30)
     assert plan["run_flop_fraction"] <= 0.88 and plan["run_ideal_speedup"] >= 1.14  # the quality study's bar
+
+
+def test_sft_plan_measures_the_token_split_of_the_data(satrun, tmp_path: Path) -> None:
+    result = satrun("plan", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "scheduler=constant",
+                    "scheduler.rate=0.5", "hydra.run.dir=plan")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    split = plan["token_split"]
+    assert sum(split.values()) == pytest.approx(1.0) and 0.1 < split["labelled"] < 0.6
+    assert split["padding"] < 0.1  # packed rows
+    assert plan["sparse_tokens"] == "unlabelled" and "token split (measured on the data)" in result.stdout
+    # only the unlabelled share omits neurons: less than the CPT plan's gain at the same rate
+    cpt = satrun("plan", "model=tiny", "trainer.seq_len=128", "scheduler=constant", "scheduler.rate=0.5", "hydra.run.dir=cpt")
+    assert cpt.returncode == 0, cpt.stderr
+    cpt_plan = json.loads((tmp_path / "cpt" / "plan.json").read_text())
+    assert 1.0 < plan["stages"][0]["ideal_speedup"] < cpt_plan["stages"][0]["ideal_speedup"]
+    flops = plan["train_flops"]
+    assert flops["sat"] == pytest.approx(flops["dense"] * plan["run_flop_fraction"])

@@ -43,6 +43,21 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: 
         assert {"sparse", "dense"} <= stages and len(stages) >= 4
 
 
+def test_packed_sft_with_token_aware_sat_resumes_bit_exactly(satrun, tmp_path: Path) -> None:
+    sft = [*SHORT, "mode=sft", "data=chatterbot", "trainer.seq_len=128"]
+    full = satrun("train", *sft, "hydra.run.dir=full")
+    assert full.returncode == 0, full.stderr
+    resumed = satrun("train", *sft, "resume=full/checkpoints/step_5", "hydra.run.dir=resumed")
+    assert resumed.returncode == 0, resumed.stderr
+    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == list(range(6, 13))
+    assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)  # bit for bit
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("full", "resumed")]
+    assert summaries[0]["train_flops"] == summaries[1]["train_flops"] > 0  # counted on, not restarted
+    assert summaries[0]["padding_share"] == summaries[1]["padding_share"]
+    assert _final_eval(tmp_path / "resumed") == _final_eval(tmp_path / "full")
+
+
 def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(satrun, tmp_path: Path) -> None:
     full = satrun("train", *SHORT, "scheduler=dense", "hydra.run.dir=run")
     assert full.returncode == 0, full.stderr

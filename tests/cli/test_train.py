@@ -90,6 +90,10 @@ def test_sft_run_trains_on_chatterbot(satrun, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     summary = check_run_folder(tmp_path / "run", steps=10)
     assert summary["tokens"] < summary["padded_tokens"]  # prompts and padding carry no label
+    assert "packed into" in result.stdout + result.stderr and 0.0 <= summary["padding_share"] < 0.2
+    records = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert sum(r["flops"] for r in records) == pytest.approx(summary["train_flops"]) and summary["train_flops"] > 0
+    assert records[-1]["train_flops"] == pytest.approx(summary["train_flops"])
     check_final_model(tmp_path / "run" / "final")
 
 

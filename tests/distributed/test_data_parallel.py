@@ -1,5 +1,5 @@
 """Two CPU ranks (gloo) train exactly like one process on the global batch: DDP and FSDP2,
-dense and SAT; FSDP2 starting from the meta device (random weights broadcast from the first
+dense and SAT, and token-aware SAT on packed chats; FSDP2 starting from the meta device (random weights broadcast from the first
 rank, or pre-trained weights read shard by shard); one run folder; launcher=torchrun; exact
 resume under DDP and from FSDP2's sharded checkpoints."""
 
@@ -19,7 +19,10 @@ from tests.cli.conftest import read_jsonl, run_satrun
 RUN = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.eval_every=0", "trainer.eval_batches=1",
        "trainer.log_every=1"]
 SCHEDULERS = {"dense": ["scheduler=dense"],
-              "sat": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0.5"]}
+              "sat": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0.5"],
+              # packed chats, only the unlabelled tokens sparse (every token scored: a stride would pick
+              # other tokens from each rank's share than from the whole batch)
+              "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "metric.token_stride=1"]}
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -56,7 +59,8 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat")])
+@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat"),
+                                                ("ddp", "sft-sat")])
 def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
     result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
                       tmp_path)

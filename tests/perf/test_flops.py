@@ -89,3 +89,41 @@ def test_layer_rates_align_and_layers_match_an_independent_count(per_layer: bool
 )
 def test_ideal_speedup_agrees_with_the_method_notes(shape: Shape, seq: int, expected: float) -> None:
     assert ideal_speedup(shape, seq, 0.5, 0.5) == pytest.approx(expected, rel=0.02)
+
+
+def test_step_flops_follow_the_token_split_and_match_an_independent_count() -> None:
+    """A token-aware sparse forward of a packed batch: the decoder's matrix products as counted
+    by torch equal the FLOP model's for the batch's labelled / unlabelled / padding tokens."""
+    from satrun.data.batches import collate, token_counts
+    from satrun.data.packing import pack_chats
+    from satrun.labels import IGNORE
+    from satrun.perf.flops import step_flops
+
+    model = tiny(4, 2)
+    g = torch.Generator().manual_seed(0)
+    chats = []
+    for n, prompt in [(12, 7), (9, 5), (14, 10), (6, 2)]:
+        ids = torch.randint(0, 97, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE
+        chats.append((ids, labels))
+    batch = collate(pack_chats(chats, SEQ), pad_id=0)
+    counts = token_counts(batch)
+    assert counts[2] > 0 and counts[0] < counts[1]  # padding, and fewer labelled than unlabelled tokens
+    shape, length = Shape.from_config(model.config), batch["input_ids"].shape[1]
+    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(fill="zero"), tokens="unlabelled")
+    sat.set_rates(0.5, 0.0, step=0)
+    sat.set_token_rows(batch["loss_rows"], batch["free_rows"])
+    with FlopCounterMode(display=False) as counter:
+        model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    counted = counter.get_flop_counts()["Global"]
+    mm = sum(n for op, n in counted.items() if str(op) in ("aten.mm", "aten.addmm"))
+    dense = token_flops(shape, length)
+    expected = step_flops(shape, length, counts, 0.5, 0.0, tokens="unlabelled") / 3
+    expected -= counts[0] * dense.lm_head + sum(counts) * dense.attn_core  # the head runs apart; SDPA is not counted
+    assert mm == pytest.approx(expected)
+    # every token sparse, and dense: the two ends of the same model
+    assert step_flops(shape, length, counts, 0.5, 0.0, tokens="all") < step_flops(shape, length, counts, 0.5, 0.0,
+                                                                                  tokens="unlabelled")
+    assert step_flops(shape, length, counts) == pytest.approx(
+        3 * (sum(counts) * (dense.forward - dense.lm_head) + counts[0] * dense.lm_head))

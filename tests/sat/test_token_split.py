@@ -152,3 +152,31 @@ def test_rows_must_be_given_and_heads_are_kept() -> None:
         sat.set_rates(0.5, 0.5, step=0)
     with pytest.raises(ValueError, match="tokens="):
         Sparsifier(build("llama-gqa"), tokens="some")
+
+
+def test_bf16_autocast_and_frozen_weights() -> None:
+    model = build("qwen2")
+    reference = copy.deepcopy(model)
+    for m in (model, reference):
+        for layer in m.model.layers:
+            layer.mlp.up_proj.weight.requires_grad_(False)
+    sat = Sparsifier(model, seed=0, tokens="unlabelled")
+    sat.set_rates(0.5, 0.0, step=0)
+    batch = sft_batch()
+    sat.set_token_rows(batch["loss_rows"], batch["free_rows"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    handles = per_token_reference(reference, sat, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = reference(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+    ref_loss.backward()
+    for h in handles:
+        h.remove()
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is None:
+            assert p.grad is None, name  # the frozen up_proj weights
+            continue
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert (p.grad - ref.grad).norm() <= 0.05 * ref.grad.norm() + 1e-6, name

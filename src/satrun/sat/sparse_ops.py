@@ -119,3 +119,72 @@ def sparse_swiglu(
 ) -> torch.Tensor:
     """The SwiGLU MLP of Llama-family models computed on channels ``idx`` (sorted, int64)."""
     return _SparseSwiGLU.apply(x, w_gate, w_up, w_down, idx)
+
+
+class _TokenSplitSwiGLU(torch.autograd.Function):
+    """The SwiGLU MLP with its input rows split: ``dense_rows`` through every channel,
+    ``sparse_rows`` through the kept channels ``idx`` only (plus the constant ``fill``).
+
+    One function rather than two paths joined by autograd: each weight's gradient is one
+    full-size product (the dense rows') into which the sparse rows' kept-slice product is added
+    in place, with no zero-filled buffer and no second full-size gradient to sum."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill):  # type: ignore[no-untyped-def]
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        full = tuple(w.to(dtype) for w in (w_gate, w_up, w_down))
+        kept = (full[0].index_select(0, idx), full[1].index_select(0, idx), full[2].index_select(1, idx))
+        out = torch.empty(x.shape[0], w_down.shape[0], dtype=dtype, device=x.device)
+        saved = []
+        with torch.autocast(x.device.type, enabled=False):
+            for rows, (g_w, u_w, d_w) in ((dense_rows, full), (sparse_rows, kept)):
+                xr = xc.index_select(0, rows)
+                gate, up = F.linear(xr, g_w), F.linear(xr, u_w)
+                act = F.silu(gate)
+                y = F.linear(act * up, d_w)
+                if fill is not None and rows is sparse_rows:
+                    y += fill.to(dtype)
+                out.index_copy_(0, rows, y)
+                saved += [xr, gate, act, up]
+        ctx.save_for_backward(*saved, *full, *kept, idx, dense_rows, sparse_rows)
+        ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        saved = ctx.saved_tensors
+        paths = (saved[0:4], saved[4:8])
+        weights = (saved[8:11], saved[11:14])
+        idx, dense_rows, sparse_rows = saved[14:17]
+        w_gate, w_up, w_down = ctx.params
+        want = ctx.needs_input_grad
+        g = grad_out.to(weights[0][2].dtype)
+        grad_x = torch.empty(g.shape[0], w_gate.shape[1], dtype=g.dtype, device=g.device)
+        grads: list = [None, None, None]  # gate, up, down: the dense rows' full products first
+        for path, rows, (xr, gate, act, up), (g_w, u_w, d_w) in zip(range(2), (dense_rows, sparse_rows), paths, weights):
+            dy = g.index_select(0, rows)
+            d_hidden = dy @ d_w
+            d_up = d_hidden * act
+            d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)
+            grad_x.index_copy_(0, rows, (d_gate @ g_w).addmm_(d_up, u_w))
+            parts = (d_gate.t() @ xr if want[1] else None, d_up.t() @ xr if want[2] else None,
+                     dy.t() @ (act * up) if want[3] else None)
+            for i, part in enumerate(parts):
+                if part is None:
+                    continue
+                if path == 0:
+                    grads[i] = part
+                else:
+                    grads[i].index_add_(1 if i == 2 else 0, idx, part)
+        grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
+        return grad_x.to(ctx.in_dtype), *grads, None, None, None, None
+
+
+def token_split_swiglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor,
+    dense_rows: torch.Tensor, sparse_rows: torch.Tensor, fill: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The SwiGLU MLP on the rows of ``x`` (``[tokens, hidden]``): ``dense_rows`` through every
+    channel, ``sparse_rows`` through channels ``idx`` only, plus ``fill`` (no gradient)."""
+    return _TokenSplitSwiGLU.apply(x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill)

@@ -32,7 +32,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
 from satrun.sat.settings import MetricConfig, SelectorConfig
-from satrun.sat.sparse_ops import gathered_linear, sparse_swiglu
+from satrun.sat.sparse_ops import gathered_linear, sparse_swiglu, token_split_swiglu
 
 
 class UnsupportedModel(ValueError):
@@ -245,14 +245,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if rows is None:
         out = sparse_swiglu(x, *weights, kept)
         return out if fill_out is None else out + fill_out.to(out.dtype)
-    dense_rows, sparse_rows = rows
-    flat = x.reshape(-1, x.shape[-1])
-    dense_out = type(self).forward(self, flat.index_select(0, dense_rows))  # tokens with a loss: the whole layer
-    sparse_out = sparse_swiglu(flat.index_select(0, sparse_rows), *weights, kept).to(dense_out.dtype)
-    if fill_out is not None:
-        sparse_out = sparse_out + fill_out.to(sparse_out.dtype)
-    out = dense_out.new_zeros(flat.shape[0], dense_out.shape[-1])
-    out = out.index_copy(0, dense_rows, dense_out).index_copy(0, sparse_rows, sparse_out)
+    out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out)  # rows with a loss: every channel
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
