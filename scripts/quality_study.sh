@@ -16,12 +16,18 @@
 # all held-out chats every 10 steps), both with every exact saving (packing, the LM head at
 # labelled positions only):
 #   sft-dense40   dense training, 40 steps
-#   sft-sat40     `satrun train mode=sft data=chatterbot` as shipped (token-aware SAT), 40 steps
+#   sft-sat40     token-aware SAT at the probe's per-layer rates for an ideal sparse step of 1.45x
+#                 (`satrun probe mode=sft ... probe.target_speedup=1.45`), 90% of the steps, 40 steps
 #   sft-denseN    dense training with its own full schedule for N = round(40 x sft-sat40's
 #                 train_flops / sft-dense40's) steps: the same training FLOPs as sft-sat40
 #   the same three with seed 1 (-s1)
-#   sft-sat40-u07 token-aware SAT at MLP rate 0.7 in layers 4-29 (the forward screen's hint)
-# About 25 min.
+#   sft-sat40-u07 token-aware SAT at MLP rate 0.7 in layers 4-29, 90% of the steps, then dense
+#                 (what `satrun train mode=sft data=chatterbot` runs now; also with seed 1)
+#   sft-sat40-t115 the probe's per-layer rates for an ideal sparse step of 1.15x (mean 0.297)
+#   sft-sat40-all every token sparse, at the CPT calibration (SAT before the token split)
+#   sft-dense30, sft-dense35  dense training with its own schedule: the frontier's other points
+#   sft-bench     `satrun bench mode=sft data=chatterbot bench.rates=[0.7]` (run alone)
+# About 60 min.
 # Then the probe that calibrated the default (and the same probe under top-k and under the
 # paper's max-normalised sampling with zero fill), and the plots/tables (scripts/quality_report.py).
 #
@@ -92,17 +98,30 @@ run paper150 "${CPT[@]}" "${PAPER[@]}"
 same_flops() {  # same_flops SAT_RUN DENSE_RUN: the dense steps whose FLOPs match the SAT run's (from summary.json)
     "$PYTHON" -c "import json,sys; s,d=(json.load(open(f+'/summary.json')) for f in sys.argv[1:]); print(round(d['steps'] * s['train_flops'] / d['train_flops']))" "$1" "$2"
 }
+# the probe's per-layer rates for an ideal sparse step of 1.45x (docs/results/quality/sft-probe), 90% of the steps
+T145=("~calibration" scheduler.rate=0.645 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1
+      "scheduler.layer_scale=[0,0,0,0,0.775194,0.697674,0.775194,1.085271,0,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.085271,1.395349,1.395349,0,1.395349,1.085271,1.085271,1.395349,1.395349,1.085271,1.395349,1.395349,1.395349]")
 for seed in 1234 1; do
     tag=$([ "$seed" = 1234 ] && echo "" || echo "-s$seed")
     run "sft-dense40$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense
-    run "sft-sat40$tag" "${SFT[@]}" trainer.seed=$seed
+    run "sft-sat40$tag" "${SFT[@]}" trainer.seed=$seed "${T145[@]}"
     if [ -f "$OUT/sft-sat40$tag/summary.json" ] && [ -f "$OUT/sft-dense40$tag/summary.json" ]; then
         NS=$(same_flops "$OUT/sft-sat40$tag" "$OUT/sft-dense40$tag")
         run "sft-dense$NS$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$NS"
     fi
 done
-run sft-sat40-u07 "${SFT[@]}" "~calibration" scheduler.rate=0.606667 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 \
-    scheduler.dense_fraction=0.1 scheduler.layer_scale="[0,0,0,0$(printf ',1.153846%.0s' {1..26})]"
+U07=("~calibration" scheduler.rate=0.606667 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1
+     "scheduler.layer_scale=[0,0,0,0$(printf ',1.153846%.0s' {1..26})]")
+run sft-sat40-u07 "${SFT[@]}" "${U07[@]}"
+run sft-sat40-u07-s1 "${SFT[@]}" "${U07[@]}" trainer.seed=1
+run sft-sat40-t115 "${SFT[@]}" "~calibration" scheduler.rate=0.296667 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 \
+    scheduler.dense_fraction=0.1 "scheduler.layer_scale=[0,0,0,0,0,0,0,0,0,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,0,2.19101,2.19101,0,2.19101,0,0,2.19101,0,0,2.02247,0,1.68539]"
+run sft-sat40-all "${SFT[@]}" scheduler.tokens=all calibration=smollm2-135m_cpt_ladder
+run sft-dense30 "${SFT[@]}" scheduler=dense trainer.max_steps=30
+run sft-dense35 "${SFT[@]}" scheduler=dense trainer.max_steps=35
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" sft "* ]]; then  # alone: labelled tokens/s of the padded, packed and SAT steps
+    "$SATRUN" bench mode=sft data=chatterbot bench.rates=[0.7] hydra.run.dir="$OUT/sft-bench" > "$OUT/sft-bench.log" 2>&1
+fi
 
 if [ -z "$ONLY" ] || [[ " $ONLY " == *" bench "* ]]; then  # step times of dense and the default's sparse stage
     "$SATRUN" bench bench.rates=[0.3] bench.steps=3 bench.repeats=2 hydra.run.dir="$OUT/bench" > "$OUT/bench.log" 2>&1
@@ -113,19 +132,23 @@ if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then  # the default's calib
     "$SATRUN" probe selector.normalize=max selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-max" > "$OUT/probe-max.log" 2>&1
 fi
 
-report() {  # report FOLDER [--bench] LABEL=RUN...: only the runs that finished; --bench: time axis from it
+report() {  # report FOLDER [--bench BENCH_FOLDER] LABEL=RUN...: only the runs that finished; --bench: time axis from it
     local dest=$1; shift
     local have=()
     if [ "$1" = --bench ]; then
-        shift
-        [ -f "$OUT/bench/bench.json" ] && have+=(--bench "$OUT/bench/bench.json")
+        [ -f "$OUT/$2/bench.json" ] && have+=(--bench "$OUT/$2/bench.json")
+        shift 2
     fi
     for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
     if [[ " ${have[*]} " == *"="* ]]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
 }
-report "$OUT/cpt" --bench "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
+report "$OUT/cpt" --bench bench "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
     "SAT paper-shaped 150=$OUT/paper150"
-report "$OUT/screens" --bench "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
+report "$OUT/screens" --bench bench "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
     "per-layer 1.11x, mean fill=$OUT/s40-cal111-mean" "per-layer 1.16x=$OUT/s40-cal116"
-report "$OUT/cpt-seed7" --bench "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
-report "$OUT/sft" "dense 30=$OUT/sft-dense30" "SAT default 30=$OUT/sft-sat30" "dense $NS=$OUT/sft-dense$NS"
+report "$OUT/cpt-seed7" --bench bench "SAT default 150, seed 7=$OUT/sat150-s7" "dense $N, seed 7=$OUT/dense$N-s7"
+report "$OUT/sft" --bench sft-bench "dense 40=$OUT/sft-dense40" "dense 35=$OUT/sft-dense35" "dense 30=$OUT/sft-dense30" \
+    "dense 29=$OUT/sft-dense29" "SAT default (0.7, layers 4-29)=$OUT/sft-sat40-u07" "SAT calibrated 1.45x=$OUT/sft-sat40" \
+    "SAT calibrated 1.15x=$OUT/sft-sat40-t115" "SAT every token (CPT calibration)=$OUT/sft-sat40-all"
+report "$OUT/sft-seed1" "dense 40, seed 1=$OUT/sft-dense40-s1" "dense 30, seed 1=$OUT/sft-dense30-s1" \
+    "SAT default, seed 1=$OUT/sft-sat40-u07-s1" "SAT calibrated 1.45x, seed 1=$OUT/sft-sat40-s1"

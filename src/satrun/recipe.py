@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from satrun.config import TrainConfig, sparse_tokens, unread_keys
-from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_chats, token_counts
+from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_chats, token_counts, token_rows
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
@@ -477,7 +477,7 @@ def token_rows_hooks(sparsifier: Sparsifier | None) -> list[Callable[[dict], Non
     next token carries a label run dense, the rest sparsely (none for ``tokens=all``)."""
     if sparsifier is None or sparsifier.tokens == "all":
         return []
-    return [lambda batch: sparsifier.set_token_rows(batch["loss_rows"], batch["free_rows"])]
+    return [lambda batch: sparsifier.set_token_rows(*token_rows(batch))]
 
 
 class StepFlopCounter:

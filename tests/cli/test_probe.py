@@ -34,3 +34,16 @@ def test_probe_rejects_an_unreachable_target(satrun) -> None:
     result = satrun("probe", "model=tiny", "trainer.seq_len=64", "probe.metrics=[random]", "probe.rates=[0.5]",
                     "probe.batches=1", "probe.target_speedup=2", "metric=random")
     assert result.returncode == 2 and "beyond reach" in result.stderr
+
+
+def test_sft_probe_measures_answer_losses_with_the_token_split(satrun, tmp_path: Path) -> None:
+    result = satrun("probe", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "probe.metrics=[contrib]",
+                    "probe.rates=[0.3,0.9]", "probe.batches=1", "probe.target_speedup=1.0001", "metric=contrib",
+                    "hydra.run.dir=probe")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert found["mode"] == "sft" and found["sparse_tokens"] == "unlabelled"
+    # only the unlabelled share omits neurons, and the head runs at labelled positions only
+    assert 1.0 < found["ideal_speedups"][0] < found["ideal_speedups"][1]
+    assert found["sensitivity"][-1] == 0.0  # the last layer's unlabelled rows reach no loss
+    assert found["calibration"]["ideal_speedup"] >= 1.0001

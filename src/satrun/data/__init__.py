@@ -13,13 +13,13 @@ from transformers import PreTrainedTokenizerBase
 from satrun.config import DataConfig
 from satrun.data import cpt, sft
 from satrun.data.batches import (BatchStream, Example, GlobalBatchSampler, collate, eval_batches, label_tokens,
-                                 loss_rows, token_counts)
+                                 loss_rows, token_counts, token_rows)
 from satrun.data.packing import fill_share, pack_chats
 from satrun.data.sources import load_raw
 from satrun.errors import UsageError
 
 __all__ = ["Corpus", "build_corpus", "BatchStream", "Example", "GlobalBatchSampler", "collate", "eval_batches",
-           "label_tokens", "loss_rows", "pack_chats", "token_counts"]
+           "label_tokens", "loss_rows", "pack_chats", "token_counts", "token_rows"]
 
 FORMAT_VERSION = "1"  # bump when tokenization changes, to invalidate cached datasets
 

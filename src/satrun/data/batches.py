@@ -67,6 +67,14 @@ def loss_rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return rows if rows is not None else row_split(batch["labels"])["loss_rows"]
 
 
+def token_rows(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``loss_rows``, ``free_rows``): the rows a token-aware sparsifier computes densely and sparsely."""
+    if "loss_rows" in batch and "free_rows" in batch:
+        return batch["loss_rows"], batch["free_rows"]
+    split = row_split(batch["labels"])
+    return split["loss_rows"], split["free_rows"]
+
+
 def token_counts(batch: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     """(labelled, unlabelled, padding) tokens of a collated batch, read on the host."""
     labelled, unlabelled, padding = batch["counts"].tolist()

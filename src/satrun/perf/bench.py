@@ -27,7 +27,7 @@ from satrun.perf.flops import Shape, step_flops, token_flops
 from satrun.perf.memory import peak_bytes, resident_tensors
 from satrun.sat.sparsifier import Sparsifier
 from satrun.training import runtime
-from satrun.data import label_tokens, token_counts
+from satrun.data import label_tokens, token_counts, token_rows
 from satrun.perf.settings import BenchConfig
 from satrun.training.loss import CausalLMObjective, causal_lm_loss
 from satrun.training.trainer import train_step
@@ -59,7 +59,7 @@ class _SatrunStep:
     ``every_position`` runs the LM head everywhere (the step before the labelled-only head)."""
 
     def __init__(self, sparsifier: Sparsifier, every_position: bool = False) -> None:
-        hooks = [] if sparsifier.tokens == "all" else [lambda b: sparsifier.set_token_rows(b["loss_rows"], b["free_rows"])]
+        hooks = [] if sparsifier.tokens == "all" else [lambda b: sparsifier.set_token_rows(*token_rows(b))]
         self.hooks, self.every_position = hooks, every_position
 
     def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float,

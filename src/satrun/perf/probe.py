@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from satrun.data import label_tokens
+from satrun.data import label_tokens, token_rows
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
 from satrun.labels import IGNORE
@@ -39,7 +39,7 @@ Speedup = Callable[[Union[float, Sequence[float]]], float]  # MLP rate(s) -> the
 def _use(sparsifier: Sparsifier, batch: dict) -> None:
     """A token-aware sparsifier learns the batch's dense and sparse rows."""
     if sparsifier.tokens != "all":
-        sparsifier.set_token_rows(batch["loss_rows"], batch["free_rows"])
+        sparsifier.set_token_rows(*token_rows(batch))
 
 
 def _loss(model: torch.nn.Module, batches: Sequence[dict], sparsifier: Optional[Sparsifier] = None,

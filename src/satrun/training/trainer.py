@@ -146,8 +146,10 @@ def train(
     exactly where it stopped. Each hook is called before every step with the step number; the
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
     per-stage report. Each of ``batch_hooks`` is called with every micro-batch before its
-    forward. ``flops(micro_batches)``, given a step's host batches, says its training FLOPs on
-    this rank: records carry them (``flops``, and ``train_flops`` so far), as does the summary. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
+    forward. ``flops(host_batches)``, given a step's micro-batches before they go to the
+    device, says its training FLOPs on this rank: records carry them (``flops``, and
+    ``train_flops`` so far), as does the summary. Records go to ``logger`` (default:
+    ``run_dir/metrics.jsonl``).
     ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
     caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
     default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
