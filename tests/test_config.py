@@ -240,3 +240,18 @@ def test_the_dataclasses_are_the_one_source_of_defaults(compose):
     for section in ("trainer", "plan", "bench", "probe", "launcher", "logger"):
         assert getattr(cfg, section) == getattr(defaults, section), section
     assert set(OmegaConf.load(CONF / "train.yaml")) == {"defaults", "hydra"}
+
+
+def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> None:
+    with pytest.raises(UsageError, match="heads are kept when only unlabelled tokens omit neurons"):
+        _typed(compose, "mode=sft", "scheduler=constant")  # constant omits heads at the rate by default
+    assert _typed(compose, "mode=sft", "scheduler=constant", "scheduler.attn_rate=0").scheduler.attn_rate == 0.0
+    assert _typed(compose, "mode=sft", "scheduler=constant", "scheduler.tokens=all").scheduler.attn_rate is None
+    with pytest.raises(UsageError, match="data.packing=true packs chats"):
+        _typed(compose, "data.packing=true")
+    with pytest.raises(UsageError, match="in mode=cpt every token carries one"):
+        _typed(compose, "scheduler.tokens=unlabelled")
+    with pytest.raises(UsageError, match="does nothing with scheduler=dense"):
+        _typed(compose, "mode=sft", "scheduler=dense", "scheduler.tokens=unlabelled")
+    sft = _typed(compose, "mode=sft", "data=chatterbot")
+    assert sft.data.packing and sft.scheduler.tokens == "auto" and sft.scheduler.rate == pytest.approx(0.606667)

@@ -97,17 +97,22 @@ def test_plan_of_the_default_model_uses_its_calibration(satrun, tmp_path: Path) 
 
 def test_sft_plan_measures_the_token_split_of_the_data(satrun, tmp_path: Path) -> None:
     result = satrun("plan", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "scheduler=constant",
-                    "scheduler.rate=0.5", "hydra.run.dir=plan")
+                    "scheduler.rate=0.5", "scheduler.attn_rate=0", "hydra.run.dir=plan")
     assert result.returncode == 0, result.stderr
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
     split = plan["token_split"]
     assert sum(split.values()) == pytest.approx(1.0) and 0.1 < split["labelled"] < 0.6
     assert split["padding"] < 0.1  # packed rows
     assert plan["sparse_tokens"] == "unlabelled" and "token split (measured on the data)" in result.stdout
-    # only the unlabelled share omits neurons: less than the CPT plan's gain at the same rate
-    cpt = satrun("plan", "model=tiny", "trainer.seq_len=128", "scheduler=constant", "scheduler.rate=0.5", "hydra.run.dir=cpt")
-    assert cpt.returncode == 0, cpt.stderr
-    cpt_plan = json.loads((tmp_path / "cpt" / "plan.json").read_text())
-    assert 1.0 < plan["stages"][0]["ideal_speedup"] < cpt_plan["stages"][0]["ideal_speedup"]
+    # the stage's ideal: the FLOP model for that split, only the unlabelled share sparse, the head at labelled positions
+    from satrun.perf.flops import Shape, step_flops
+
+    shape, stage = Shape(**plan["shape"]), plan["stages"][0]
+    split_counts = [split["labelled"], split["unlabelled"], split["padding"]]
+    expected = step_flops(shape, 128, split_counts) / step_flops(shape, 128, split_counts, stage["mlp_layer_rates"], 0.0,
+                                                                  tokens="unlabelled")
+    assert stage["ideal_speedup"] == pytest.approx(expected) and expected > 1.0
+    every = step_flops(shape, 128, split_counts) / step_flops(shape, 128, split_counts, stage["mlp_layer_rates"], 0.0)
+    assert stage["ideal_speedup"] < every  # less than if every token were sparse
     flops = plan["train_flops"]
     assert flops["sat"] == pytest.approx(flops["dense"] * plan["run_flop_fraction"])

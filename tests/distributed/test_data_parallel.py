@@ -22,7 +22,8 @@ SCHEDULERS = {"dense": ["scheduler=dense"],
               "sat": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0.5"],
               # packed chats, only the unlabelled tokens sparse (every token scored: a stride would pick
               # other tokens from each rank's share than from the whole batch)
-              "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "metric.token_stride=1"]}
+              "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0",
+                          "metric.token_stride=1"]}
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
