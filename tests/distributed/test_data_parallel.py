@@ -20,10 +20,12 @@ RUN = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.eval_
        "trainer.log_every=1"]
 SCHEDULERS = {"dense": ["scheduler=dense"],
               "sat": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0.5"],
-              # packed chats, only the unlabelled tokens sparse (every token scored: a stride would pick
-              # other tokens from each rank's share than from the whole batch)
+              # packed chats, only the unlabelled tokens sparse; random scores and no fill, so that the
+              # selection cannot depend on which rank scored which tokens (a stride picks other tokens from
+              # a rank's share than from the whole batch, and a near-tie of scores summed in another order
+              # can flip a channel)
               "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0",
-                          "metric.token_stride=1"]}
+                          "metric=random", "selector.fill=zero"]}
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
