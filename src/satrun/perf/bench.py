@@ -64,10 +64,10 @@ class _SatrunStep:
 
     def __call__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float,
                  amp: Any) -> None:
-        objective = CausalLMObjective(model, self.hooks)
-        if self.every_position:
-            objective.forward = lambda b, n: causal_lm_loss(model, b, n, every_position=True)  # type: ignore[method-assign]
-        train_step(objective, optimizer, [batch], grad_clip, amp)
+        if self.every_position:  # the loss with the head everywhere (no sparsifier is on in that row)
+            train_step(lambda b, n: causal_lm_loss(model, b, n, every_position=True), optimizer, [batch], grad_clip, amp)
+        else:
+            train_step(CausalLMObjective(model, self.hooks), optimizer, [batch], grad_clip, amp)
 
 
 def _quartiles(values: list[float]) -> list[float]:
