@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -126,7 +127,10 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
     """Load the safetensors weights of a Hugging Face folder into ``model``, whose parameters
     may be FSDP2 shards: each process then reads only its own rows (torch.distributed.checkpoint's
     Hugging Face reader; without a process group it reads everything). Tied weights, saved
-    once, are loaded once; any other missing or unexpected tensor is an error."""
+    once, are loaded once. Tensors transformers itself ignores on loading are ignored too: the
+    per-layer ``rotary_emb.inv_freq`` buffers older Llama exports hold (Llama-2-7b-hf among
+    them; the model computes its frequencies itself), ``position_ids``, and the model class's own
+    ``_keys_to_ignore_on_load_unexpected``. Any other missing or unexpected tensor is an error."""
     import torch.distributed.checkpoint as dcp
 
     if not any(folder.glob("*.safetensors")):
@@ -140,7 +144,9 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         stored = set(reader.read_metadata().state_dict_metadata)
     except Exception as exc:
         raise UsageError(f"{folder}: the weights cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
-    missing, unexpected = sorted(set(state) - stored), sorted(stored - set(state) - _tied_aliases(model))
+    ignored = _ignored_on_load(model)
+    missing = sorted(set(state) - stored)
+    unexpected = sorted(k for k in stored - set(state) - _tied_aliases(model) if not ignored.search(k))
     if missing or unexpected:
         raise UsageError(f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     with warnings.catch_warnings():  # one process: DCP says it reads everything itself, as meant
@@ -149,6 +155,13 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
             dcp.load(state, storage_reader=reader, no_dist=not _distributed())
         except Exception as exc:  # a damaged file: safetensors, DCP and torch raise many kinds
             raise UsageError(f"{folder}: the weights cannot be read ({type(exc).__name__}: {str(exc)[:120]})") from exc
+
+
+def _ignored_on_load(model: torch.nn.Module) -> "re.Pattern[str]":
+    """Stored tensor names that loading skips, as transformers' from_pretrained skips them."""
+    patterns = {r"rotary_emb\.inv_freq$", r"(^|\.)position_ids$"}
+    patterns |= set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    return re.compile("|".join(f"({p})" for p in sorted(patterns)))
 
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
