@@ -77,6 +77,17 @@ def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path,
     assert_same_training(runs[0], single[scheduler])
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_accumulating_micro_batches_equal_one_process(single, tmp_path: Path, strategy: str) -> None:
+    """Two micro-batches of one sequence on each of two ranks, gradients reduced after the
+    second only, give the step of one process's micro-batch of four (dense: SAT selects per
+    micro-batch, so its selections follow the micro-batch size)."""
+    result = torchrun([*RUN, *SCHEDULERS["dense"], "trainer.micro_batch_size=1", "trainer.grad_accum=2",
+                       f"trainer.strategy={strategy}", "hydra.run.dir=accum"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_training(tmp_path / "accum", single["dense"])
+
+
 def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> None:
     result = run_satrun(["train", *RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "launcher=torchrun",
                          "launcher.nproc_per_node=2"], tmp_path)

@@ -10,10 +10,11 @@ the global batch's token-mean loss, as one process training on the whole global 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -78,6 +79,28 @@ def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], strategy: str, 
         fully_shard(block, mp_policy=policy)
     fully_shard(module, mp_policy=policy)
     return module
+
+
+@contextlib.contextmanager
+def gradient_sync(module: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """A backward inside reduces gradients across ranks only when ``enabled``: under gradient
+    accumulation every micro-batch but the last keeps its gradients local (DDP's ``no_sync``,
+    FSDP2's ``set_requires_gradient_sync``), so a step communicates once, not once per
+    micro-batch. The last micro-batch's reduction then carries the accumulated sum."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled or not isinstance(module, (DistributedDataParallel, FSDPModule)):
+        yield
+    elif isinstance(module, DistributedDataParallel):
+        with module.no_sync():
+            yield
+    else:
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
 
 
 def sharded_start(strategy: str, world: World) -> bool:
@@ -180,9 +203,14 @@ def total(value: float, device: torch.device) -> float:
 
 
 def totals(values: Sequence[float], device: torch.device) -> list[float]:
-    """Each of ``values`` summed over all ranks, in one collective."""
+    """Each of ``values`` (host numbers) summed over all ranks, in one collective. It goes
+    through gloo on host memory when the group has it (``init_from_env`` gives CUDA runs both
+    gloo and NCCL): an NCCL reduction would be queued behind the device's work and reading it
+    back would wait for all of that."""
     if not dist.is_initialized():
         return [float(v) for v in values]
+    if "gloo" in str(dist.get_backend()):
+        device = torch.device("cpu")
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()

@@ -15,12 +15,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel per step (CPU and CUDA): on a 2-core CPU it updates SmolLM2-135M in 0.1 s
-    # where the default multi-tensor path takes 0.5 s, a tenth of a training step.
-    from torch.distributed.tensor import DTensor  # FSDP2's sharded parameters take the default path
-
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16)
-                and not isinstance(p, DTensor) for p in params)
+    # One fused kernel per step (CPU and CUDA), FSDP2's sharded DTensor parameters included: on
+    # a 2-core CPU it updates SmolLM2-135M in 0.1 s where the default multi-tensor path takes
+    # 0.5 s, a tenth of a training step. The fused step also takes the non-finite flag on the
+    # device (trainer.step_unless_non_finite), so skipping a bad step needs no host sync.
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 

@@ -54,20 +54,35 @@ def train_step(
     labelled, flops = distributed.totals([sum(label_tokens(b) for b in micro_batches), flops], device)
     n_tokens = max(1.0, labelled)
     total = torch.zeros((), device=device)
-    for batch in micro_batches:
-        with amp:
-            loss = objective(batch, n_tokens / ranks)
-        loss.backward()
+    for i, batch in enumerate(micro_batches):
+        with distributed.gradient_sync(objective, enabled=i == len(micro_batches) - 1):
+            with amp:
+                loss = objective(batch, n_tokens / ranks)
+            loss.backward()
         total += loss.detach()
     if ranks > 1:
         torch.distributed.all_reduce(total)
         total /= ranks
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one host sync per step
-        optimizer.step()
+    step_unless_non_finite(optimizer, torch.isfinite(total) & torch.isfinite(grad_norm))
     optimizer.zero_grad(set_to_none=True)
     return total, grad_norm, round(labelled), flops
+
+
+def step_unless_non_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``finite`` (a device bool) is false. A fused optimizer takes
+    the flag itself, as it takes GradScaler's (``found_inf``: the kernel leaves parameters,
+    moments and step counts as they were), so the host never waits for the device here; any
+    other optimizer reads the flag on the host first (one sync)."""
+    if optimizer.defaults.get("fused") and getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif bool(finite):
+        optimizer.step()
 
 
 @torch.no_grad()
