@@ -50,7 +50,7 @@ def read_run(folder: Path, bench: list[dict[str, Any]] | None = None) -> dict[st
     cost = {}
     for stage in stages:
         mlp, attn = stage.per_layer(shape.layers, cfg.scheduler.layers)
-        cost[stage.name] = 1.0 / ideal_speedup(shape, t.seq_len, mlp, attn, cfg.selector.align) if not stage.dense else 1.0
+        cost[stage.name] = 1.0 / ideal_speedup(shape, t.seq_len, mlp, attn, cfg.selector.align_on("cpu")) if not stage.dense else 1.0
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     elapsed = {r["step"]: r["elapsed_s"] for r in records if r["kind"] == "train"}
     flops_at, total = [0.0], 0.0

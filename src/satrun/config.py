@@ -238,7 +238,7 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.selector.temperature <= 0:
         raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
-    if cfg.selector.align < 1 or cfg.metric.token_stride < 1:
+    if (cfg.selector.align is not None and cfg.selector.align < 1) or cfg.metric.token_stride < 1:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
     g = cfg.generate
     if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.chat not in ("auto", "on", "off"):

@@ -237,10 +237,11 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     (in SFT also from the data: its share of labelled, unlabelled and padding tokens)."""
     t = cfg.trainer
     precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
+    align = cfg.selector.align_on("cpu" if t.device == "cpu" else "cuda")  # likewise
     split = _token_split(cfg) if cfg.mode.name == "sft" else None
     try:
         plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
-                          precision, cfg.selector.align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
+                          precision, align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
                           split, sparse_tokens(cfg), t.grad_accum)
     except ScheduleError as exc:
         raise UsageError(str(exc)) from exc
@@ -405,7 +406,8 @@ def _probe_speedup(cfg: TrainConfig, shape: Shape, batches: list[dict]) -> Calla
     """The ideal speed-up of a sparse step at the given MLP rate(s): from the shape alone in CPT,
     from the probe batches' labelled / unlabelled / padding tokens in SFT (where only the
     unlabelled ones may be sparse and the LM head runs at the labelled ones)."""
-    t, attn, align = cfg.trainer, _attn_rate(cfg), cfg.selector.align
+    t, attn = cfg.trainer, _attn_rate(cfg)
+    align = cfg.selector.align_on(runtime.resolve_device(t.device).type)
     if cfg.mode.name == "cpt":
         return lambda rates: ideal_speedup(shape, t.seq_len, rates, attn, align, cfg.scheduler.layers)
     counts = [sum(c) for c in zip(*(token_counts(b) for b in batches))]
@@ -422,7 +424,7 @@ def _sat_overrides(cfg: TrainConfig) -> str:
     """The metric and selector settings a calibration was measured with, as overrides."""
     m, s = cfg.metric, cfg.selector
     return (f"metric={m.name} metric.token_stride={m.token_stride} selector={s.name} "
-            f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.fill={s.fill} selector.align={s.align}")
+            f"selector.temperature={s.temperature} selector.normalize={s.normalize} selector.fill={s.fill} selector.align={'null' if s.align is None else s.align}")
 
 
 def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
@@ -486,7 +488,8 @@ class StepFlopCounter:
 
     def __init__(self, cfg: TrainConfig, model: PreTrainedModel, sparsity: ScheduledSparsity) -> None:
         self.shape, self.sparsity = Shape.from_config(model.config), sparsity
-        self.align, self.layers, self.tokens = cfg.selector.align, cfg.scheduler.layers, sparse_tokens(cfg)
+        self.align = cfg.selector.align_on(runtime.resolve_device(cfg.trainer.device).type)
+        self.layers, self.tokens = cfg.scheduler.layers, sparse_tokens(cfg)
 
     def __call__(self, batches: list[dict]) -> float:
         stage = self.sparsity.current

@@ -86,3 +86,16 @@ def test_rank_normalisation_ignores_an_outlier_that_max_normalisation_follows() 
     assert counts["max"][top].sum() < 0.4 * 300 * k  # apart from the outlier, almost uniform
     with pytest.raises(ValueError, match="normalize"):
         normalized(scores[None], "mean")
+
+
+def test_kept_channel_counts_are_multiples_of_64_on_cuda_by_default_and_exact_on_cpu() -> None:
+    """Llama-2-7B's 11008 channels at the ladder's rungs: cuBLAS keeps its fastest bf16 kernels
+    only for aligned sizes, so CUDA rounds by default; CPU keeps the exact rate."""
+    from satrun.sat.settings import SelectorConfig
+
+    default = SelectorConfig()
+    rungs = (0.4, 0.3, 0.2, 0.1)
+    assert [kept_count(11008, r, default.align_on("cpu")) for r in rungs] == [6605, 7706, 8806, 9907]
+    on_gpu = [kept_count(11008, r, default.align_on("cuda")) for r in rungs]
+    assert all(k % 64 == 0 for k in on_gpu) and on_gpu == [6592, 7680, 8832, 9920]
+    assert SelectorConfig(align=1).align_on("cuda") == 1  # a set value is kept

@@ -137,7 +137,7 @@ def run_bench(
         step = steps.get(name, satrun_step)
         peak[name] = peak_bytes(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
-    align, layers, tokens_mode = sparsifier.selector.align, sparsifier.layers, sparsifier.tokens
+    align, layers, tokens_mode = sparsifier.selector.align_on(device.type), sparsifier.layers, sparsifier.tokens
 
     def flops_per_label(name: str, rate: Any, attn_rate: float) -> float:
         """The FLOP model's training FLOPs per labelled token of the row's batches."""

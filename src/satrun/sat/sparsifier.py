@@ -236,7 +236,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             act = importance.activations(flat, w_gate, w_up, stride) if fill or owner.metric.name in ("maxip", "contrib") else None
             scores = importance.channel_scores(owner.metric.name, flat, w_gate, w_up, w_down, stride, owner.generator(x.device), act)
             scores = owner.agree(scores)
-            k = selection.kept_count(scores.numel(), rate, owner.selector.align)
+            k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
             slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None, rows)
         owner.select_s += time.perf_counter() - started
