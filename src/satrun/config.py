@@ -36,6 +36,7 @@ class ModelConfig:
     max_position_embeddings: int = 1024  # longest sequence the model supports
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary
     tie_word_embeddings: bool = True  # the LM head shares the input embedding's weights
+    attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 | flex_attention; null: transformers' default (sdpa)
 
 @dataclass
 class DataConfig:
@@ -97,7 +98,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     sample_every: int = 0  # every N steps and at the end, the model continues generate.prompt(s) into samples.jsonl (0: never)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | tf32 (fp32, TF32 matmuls; CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 1234  # seeds data order, split, initialisation and SAT sampling; in [0, 2**32)
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, about a third more compute
@@ -163,7 +164,8 @@ _CHOICES = {
     "data.sample_by": ("document", "paragraph", "line"),
     "mode.name": ("cpt", "sft"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "trainer.precision": ("auto", "fp32", "bf16"),
+    "trainer.precision": ("auto", "fp32", "bf16", "tf32"),
+    "model.attn_implementation": ("null", "eager", "sdpa", "flash_attention_2", "flex_attention"),
     "trainer.progress": ("auto", "bar", "log"),
     "logger.name": ("jsonl", "tensorboard", "wandb"),
     "logger.mode": ("offline", "online"),
@@ -195,7 +197,7 @@ def validate(cfg: TrainConfig) -> None:
     for key, allowed in _CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
+        if (value if value is not None else "null") not in allowed:
             raise UsageError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
     t, o, d = cfg.trainer, cfg.optim, cfg.data
     positive = {

@@ -236,7 +236,7 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """FLOPs, ideal SAT speed-up and memory of the configured run, from the model's shape alone
     (in SFT also from the data: its share of labelled, unlabelled and padding tokens)."""
     t = cfg.trainer
-    precision = "fp32" if t.precision == "fp32" else "bf16"  # auto: planned for CUDA, where it means bf16
+    precision = "fp32" if t.precision in ("fp32", "tf32") else "bf16"  # auto: planned for CUDA, where it means bf16
     align = cfg.selector.align_on("cpu" if t.device == "cpu" else "cuda")  # likewise
     split = _token_split(cfg) if cfg.mode.name == "sft" else None
     try:

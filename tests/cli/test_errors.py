@@ -38,6 +38,8 @@ CASES = {
     "unknown metric": (lambda d: ["metric.name=entropy"], "metric.name"),
     "sparsified layer out of range": (lambda d: ["scheduler.layers=[0,7]"], "scheduler.layers"),
     "sizes that make no model": (lambda d: ["model.num_heads=5"], "these sizes make no model"),
+    "tf32 without a GPU": (lambda d: ["trainer.device=cpu", "trainer.precision=tf32"], "trainer.precision=tf32 needs a CUDA"),
+    "unknown attention kernel": (lambda d: ["model.attn_implementation=fast"], "model.attn_implementation"),
 }
 
 

@@ -50,3 +50,37 @@ def test_any_other_unexpected_tensor_is_still_an_error(tmp_path, tokenizer):
     folder, _ = _old_llama_export(tmp_path, tokenizer, {"model.layers.0.mlp.extra_proj.weight": torch.zeros(2, 2)})
     with pytest.raises(UsageError, match="unexpected .*extra_proj"):
         _loaded(folder, tokenizer)
+
+
+@pytest.mark.parametrize("kernel", ["eager"])  # flex_attention has no CPU backward
+def test_the_attention_kernel_is_the_configured_one_dense_and_sparse(tokenizer, kernel):
+    """model.attn_implementation reaches the model, and SAT's sparse attention calls the same
+    kernel: dense and sparse logits equal sdpa's (the default)."""
+    from dataclasses import replace
+
+    from satrun.sat.settings import MetricConfig, SelectorConfig
+    from satrun.sat.sparsifier import Sparsifier
+
+    logits = {}
+    for name in ("sdpa", kernel):
+        torch.manual_seed(0)
+        model = load_model(replace(TINY, attn_implementation=name), tokenizer)
+        assert model.config._attn_implementation == name
+        ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1))
+        model.train()
+        dense = model(ids).logits
+        sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(name="topk"), seed=3)
+        sat.set_rates(0.5, 0.5, step=0)
+        logits[name] = (dense, model(ids).logits)
+    for got, want in zip(logits[kernel], logits["sdpa"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["sdpa"][0], logits["sdpa"][1])  # the sparse forward did omit
+
+
+def test_an_attention_kernel_this_machine_lacks_is_one_line(tokenizer):
+    from dataclasses import replace
+
+    if torch.cuda.is_available():
+        pytest.skip("flash-attn may be installed where a GPU is")
+    with pytest.raises(UsageError, match="model.attn_implementation=flash_attention_2 cannot be used here"):
+        load_model(replace(TINY, attn_implementation="flash_attention_2"), tokenizer)

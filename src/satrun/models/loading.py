@@ -81,20 +81,37 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, empty: bool
         config = llama_config(cfg, cfg.vocab_size or len(tokenizer))
         config.bos_token_id, config.eos_token_id, config.pad_token_id = (
             tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        with _parameters_on_meta(empty):
+        with _parameters_on_meta(empty), _attention_kernel(cfg):
+            if cfg.attn_implementation:
+                config._attn_implementation = cfg.attn_implementation
             model = LlamaForCausalLM(config)
         return _tied(model) if empty else model
     location = _location(cfg)
     hub.prepare(location)
+    kernel = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     try:
-        if empty:
-            config = AutoConfig.from_pretrained(location)
-            with _parameters_on_meta(True):
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            return _tied(model)
-        return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32)
+        with _attention_kernel(cfg):
+            if empty:
+                config = AutoConfig.from_pretrained(location)
+                with _parameters_on_meta(True):
+                    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kernel)
+                return _tied(model)
+            return AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kernel)
     except (OSError, ValueError) as exc:
         raise _missing(cfg, "the weights", location, exc) from exc
+
+
+@contextlib.contextmanager
+def _attention_kernel(cfg: ModelConfig):  # type: ignore[no-untyped-def]
+    """transformers' refusal of an attention kernel this machine lacks (e.g. flash_attention_2
+    without the flash-attn package, or without a GPU) as one line."""
+    try:
+        yield
+    except (ImportError, ValueError) as exc:
+        if not cfg.attn_implementation or "attention" not in str(exc).lower():
+            raise
+        first = str(exc).strip().splitlines()[0][:200]
+        raise UsageError(f"model.attn_implementation={cfg.attn_implementation} cannot be used here: {first}") from None
 
 
 def weights_folder(cfg: ModelConfig) -> Optional[Path]:

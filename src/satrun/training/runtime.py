@@ -24,11 +24,26 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+    if device.type == "cuda":
+        # The named GPU becomes the current one: kernels, the caching allocator, NCCL and
+        # torch.cuda's own calls without a device then all use it, not GPU 0.
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"trainer.device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: bf16 on CUDA by default, fp32 (no autocast) elsewhere."""
+    """Autocast dtype: bf16 on CUDA by default, fp32 (no autocast) elsewhere. ``tf32``: fp32
+    with the matmuls and convolutions in TF32 (CUDA only; from here on in this process)."""
+    if name == "tf32":
+        if device.type != "cuda":
+            raise UsageError(f"trainer.precision=tf32 needs a CUDA device (this run is on {device.type}); use fp32")
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        return torch.float32
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if name == "bf16" else torch.float32
