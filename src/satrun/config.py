@@ -100,6 +100,7 @@ class TrainerConfig:
     sample_every: int = 0  # every N steps and at the end, the model continues generate.prompt(s) into samples.jsonl (0: never)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | tf32 (fp32, TF32 matmuls; CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    peak_flops: Optional[float] = None  # per device, FLOP/s, for the model FLOP utilisation (mfu) in records, summary and bench; null: listed GPUs' bf16 peak
     seed: int = 1234  # seeds data order, split, initialisation and SAT sampling; in [0, 2**32)
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, about a third more compute
     strategy: str = "auto"  # auto (DDP when several ranks run) | single | ddp | fsdp (FSDP2)
@@ -224,6 +225,8 @@ def validate(cfg: TrainConfig) -> None:
     }.items():
         if value < 0:
             raise UsageError(f"{key} must be non-negative, got {value}")
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise UsageError(f"trainer.peak_flops must be positive (FLOP/s), got {t.peak_flops}")
     if not 0 <= t.seed < 2**32:  # transformers.set_seed seeds NumPy, which takes no other seed
         raise UsageError(f"trainer.seed must be in [0, 2**32), got {t.seed}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

@@ -18,7 +18,7 @@ from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_ch
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
-from satrun.perf.bench import bf16_peak_flops, print_bench, run_bench
+from satrun.perf.bench import print_bench, run_bench
 from satrun.perf import probe
 from satrun.perf.flops import Shape, ideal_speedup, step_flops
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
@@ -284,7 +284,7 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     amp = runtime.autocast(device, dtype)
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
                      Shape.from_config(model.config), device, amp, cfg.optim.grad_clip,
-                     bf16_peak_flops(device) if dtype == torch.bfloat16 else None,
+                     t.peak_flops or runtime.peak_flops(device, dtype),
                      _first_stage_layer_rates(cfg), _attn_rate(cfg),
                      padded_batches=batches_of(corpus.train) if packed_sft else None)
     out = run_dir / "bench.json"

@@ -68,3 +68,15 @@ def test_seeds_numpy_cannot_take_are_refused_by_set_seed(seed):
 
     with pytest.raises(ValueError):
         set_seed(seed)
+
+
+def test_gpu_peaks_match_the_most_specific_name() -> None:
+    from satrun.training.runtime import bf16_peak_for
+
+    assert bf16_peak_for("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert bf16_peak_for("NVIDIA H100 NVL") == 835e12  # not the SXM peak
+    assert bf16_peak_for("NVIDIA H100 PCIe") == 756e12
+    assert bf16_peak_for("NVIDIA H200 NVL") == 835e12
+    assert bf16_peak_for("NVIDIA H200") == 989e12
+    assert bf16_peak_for("NVIDIA L40") == 181e12 and bf16_peak_for("NVIDIA L4") == 121e12
+    assert bf16_peak_for("NVIDIA GeForce RTX 3090") is None

@@ -128,3 +128,34 @@ def test_a_failed_final_write_checkpoints_the_last_step_first(tmp_path: Path) ->
               OptimConfig(), tmp_path, LogDisplay(), save_model=save_model)
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path / "checkpoints")] == ["step_3"]
     assert not (tmp_path / "final").exists() and not list(tmp_path.glob(".final*"))
+
+
+def test_records_carry_the_model_flop_utilisation_given_a_peak(tmp_path: Path) -> None:
+    from satrun.training.loggers import JsonLines
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"paragraph {i} with a few words in it" for i in range(80)))
+    model_cfg = ModelConfig(name="tiny", source="random")
+    tokenizer = load_tokenizer(model_cfg)
+    model = load_model(model_cfg, tokenizer)
+    corpus = build_corpus(DataConfig(name="text", format="text", path=str(text)), "cpt", tokenizer, 16, 2, 0)
+    records = []
+
+    class Kept(JsonLines):
+        def log(self, record):  # type: ignore[no-untyped-def]
+            records.append(record)
+
+    summary = train(model, corpus, TrainerConfig(max_steps=4, seq_len=16, micro_batch_size=2, log_every=2, device="cpu",
+                                                 peak_flops=1e12),
+                    OptimConfig(), tmp_path, LogDisplay(), logger=Kept(tmp_path / "m.jsonl"), flops=lambda b: 1e9 * len(b))
+    steps = [r for r in records if r["kind"] == "train"]
+    assert len(steps) == 2
+    previous = 0
+    for r in steps:
+        seconds = (r["tokens"] - previous) / r["tokens_per_s"]
+        previous = r["tokens"]
+        assert r["mfu"] == pytest.approx(r["flops"] / seconds / 1e12)
+    assert summary["mfu"] == pytest.approx(summary["train_flops"] / summary["train_s"] / 1e12)
+    plain = train(load_model(model_cfg, tokenizer), corpus, TrainerConfig(max_steps=1, seq_len=16, micro_batch_size=2,
+                                                                          device="cpu"), OptimConfig(), tmp_path, LogDisplay())
+    assert "mfu" not in plain  # no known peak on CPU

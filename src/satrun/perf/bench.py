@@ -33,18 +33,6 @@ from satrun.training.loss import CausalLMObjective, causal_lm_loss
 from satrun.training.trainer import train_step
 
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of the CUDA device name.
-BF16_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
-
-
-def bf16_peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, where it is known (None on CPU and on unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)
-
-
 def _plain_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, grad_clip: float, amp: Any) -> None:
     with amp:
         loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss

@@ -20,11 +20,12 @@ backward reuses the selection of the original forward.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import types
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,7 @@ class Sparsifier:
         self.mlp_rate = self.attn_rate = 0.0
         self._mlp_layer_rates: Optional[tuple[float, ...]] = None
         self.step = 0
-        self.select_s = 0.0  # host wall time spent scoring and selecting, since creation
+        self._clock = _Clock()  # time spent scoring and selecting, since creation
         self._generators: dict[torch.device, torch.Generator] = {}
         self._patched: list[torch.nn.Module] = []
         for i in chosen:
@@ -94,6 +95,11 @@ class Sparsifier:
                 module._sat = _LayerSlot(self, i)
                 module.forward = types.MethodType(forward, module)
                 self._patched.append(module)
+
+    @property
+    def select_s(self) -> float:
+        """Seconds spent scoring and selecting since creation (on CUDA the device's time; reading it waits for that work)."""
+        return self._clock.seconds
 
     def set_rates(self, mlp_rate: Union[float, Sequence[float]], attn_rate: float, step: int) -> None:
         """Omission rates for optimizer step ``step``; selections are seeded by (seed, step).
@@ -183,6 +189,37 @@ class Sparsifier:
         self._patched.clear()
 
 
+class _Clock:
+    """Time spent in a piece of work, summed: host time on CPU; on CUDA the device's time between
+    two events around it (host time there would measure how fast kernels are queued, not how
+    long they run), read only when asked, which waits for the last of them."""
+
+    def __init__(self) -> None:
+        self._done = 0.0
+        self._pending: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def measure(self, device: torch.device) -> Iterator[None]:
+        if device.type != "cuda":
+            started = time.perf_counter()
+            yield
+            self._done += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+
+    @property
+    def seconds(self) -> float:
+        for start, end in self._pending:
+            end.synchronize()
+            self._done += start.elapsed_time(end) / 1000
+        self._pending.clear()
+        return self._done
+
+
 def _data_parallel() -> bool:
     """Whether several ranks train together (scores and fills are then agreed across them)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -225,8 +262,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not self.training or rate == 0.0:
         return type(self).forward(self, x)
     if not _in_backward() or slot.last is None:
-        started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), owner._clock.measure(x.device):
             flat = x.detach().reshape(-1, x.shape[-1])
             rows = owner.token_rows(flat.shape[0])
             if rows is not None:
@@ -239,7 +275,6 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
             slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None, rows)
-        owner.select_s += time.perf_counter() - started
     kept, fill_out, rows = slot.last
     weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
     if rows is None:
@@ -304,12 +339,10 @@ def _attention_forward(
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # training: no KV cache is kept
     if not _in_backward() or slot.last is None:
-        started = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), owner._clock.measure(hidden_states.device):
             q_heads, kv_heads, kv_of_q = _select_heads(self, hidden_states)
             kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
             slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, kv_of_q)
-        owner.select_s += time.perf_counter() - started
     _, q_rows, kv_rows, kv_of_q = slot.last
     batch, length, _ = hidden_states.shape
     d = self.head_dim

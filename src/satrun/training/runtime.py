@@ -79,6 +79,26 @@ def keep_freed_host_memory() -> bool:
     return bool(mallopt(m_trim_threshold, 1 << 30)) and no_fresh_maps
 
 
+# Dense bf16 tensor-core peaks per GPU (no structured sparsity), FLOP/s, from NVIDIA's data
+# sheets, by a part of the CUDA device name: the most specific first (an "H100 NVL" is not an
+# "H100" SXM, an "L40" not an "L4").
+BF16_PEAK_FLOPS = (("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+                   ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12))
+
+
+def bf16_peak_for(name: str) -> float | None:
+    """The dense bf16 peak of the GPU called ``name`` (as torch.cuda.get_device_name says), if listed."""
+    return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """The device's peak for steps computed in ``dtype``, where known: listed GPUs under bf16
+    (None on CPU, on other GPUs and in fp32; ``trainer.peak_flops`` gives it by hand)."""
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    return bf16_peak_for(torch.cuda.get_device_name(device))
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work, so that wall-clock timings are honest."""
     if device.type == "cuda":

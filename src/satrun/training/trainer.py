@@ -183,7 +183,8 @@ def train(
     logger = logger or JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
     run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
               runtime.autocast(device, dtype), device, world.size, save_model, settings or {},
-              launched if launched is not None else time.perf_counter())
+              launched if launched is not None else time.perf_counter(),
+              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype))
     if resume is not None:
         run.restore(resume)
     state = run.state
@@ -265,6 +266,7 @@ class Run:
     save_model: Optional[Callable[[Path], Any]]
     settings: dict[str, Any]
     launched: float
+    peak_flops: Optional[float] = None  # per device: records and the summary then carry the model FLOP utilisation
     state: RunState = field(default_factory=RunState)
     interval: Interval = field(init=False)
     last_checkpoint: Optional[Path] = None
@@ -350,12 +352,19 @@ class Run:
             "flops": interval.flops,
             "train_flops": state.train_flops,
             "elapsed_s": state.train_s,
+            **self.utilisation(interval.flops, interval.seconds),
             **interval.fields,
         }
         self.logger.log(record)
         self.display.train(record)
         interval.loss.zero_()
         interval.steps, interval.tokens, interval.flops, interval.seconds = 0, 0, 0.0, 0.0
+
+    def utilisation(self, flops: float, seconds: float) -> dict[str, float]:
+        """``mfu``: the FLOP model's training FLOPs per second over the ranks' peak, where the peak is known."""
+        if not self.peak_flops or not seconds:
+            return {}
+        return {"mfu": flops / seconds / (self.peak_flops * self.ranks)}
 
     def checkpoint(self) -> Path:
         if self.interval.steps:  # a record never spans a checkpoint, so a resumed run logs the same records
@@ -431,6 +440,7 @@ class Run:
             "eval_ppl": state.eval_history[-1]["eval_ppl"],
             "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
             "train_s": state.train_s,
+            **self.utilisation(state.train_flops, state.train_s),
             "wall_s": self.wall_s(),
             "stages": stage_summary(state.step_log, state.stage_fields),
             "peak_mem_bytes": runtime.peak_memory_bytes(self.device),
