@@ -296,3 +296,28 @@ def test_mean_fill_is_the_omitted_channels_mean_output() -> None:
     omitted[sel["channels"]] = False
     expected = mlp.down_proj.weight[:, omitted] @ act[:, omitted].mean(0)
     assert_close(sel["fill"], expected, "mean fill")
+
+
+def test_the_mean_fill_keeps_no_low_precision_copy_of_the_down_projection() -> None:
+    """Under bf16 autocast, a product with the fp32 weight would make autocast keep a bf16 copy
+    of every sparsified layer's W_down until the forward ends. Live tensor bytes after the
+    forward with the mean fill exceed those with no fill by far less than those copies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from satrun.perf.memory import TensorMemory
+
+    live = {}
+    for fill in ("zero", "mean"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=2048, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=4)).train()
+        sat = Sparsifier(model, MetricConfig(name="contrib", token_stride=1), SelectorConfig(name="topk", fill=fill), seed=0)
+        sat.set_rates(0.5, 0.0, step=0)
+        ids = torch.randint(0, 97, (1, 8))
+        tracker = TensorMemory(torch.device("cpu"))
+        with tracker, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids).logits.float().sum()
+            live[fill] = tracker.live
+        del loss
+    copies = 2 * 64 * 2048 * 2  # bytes of two layers' bf16 W_down
+    assert live["mean"] - live["zero"] < copies / 4, (live, copies)

@@ -31,11 +31,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _full_grad(param: torch.Tensor, dim: int, idx: Optional[torch.Tensor], grad_slice: torch.Tensor) -> torch.Tensor:
-    """The full-size gradient of ``param``: ``grad_slice`` at ``idx`` along ``dim``, zero elsewhere."""
+    """The full-size gradient of ``param``: ``grad_slice`` at ``idx`` along ``dim``, zero elsewhere.
+
+    A copy, not an add: the kept indices are distinct, and on CUDA ``index_add_`` takes the
+    atomic path (slower, and its float sums in no fixed order). The buffer is full-size
+    because AdamW updates every element (its moments move omitted rows too), and it travels
+    through autograd because DDP's and FSDP2's reductions hook into autograd's accumulation;
+    under gradient accumulation autograd then adds it to ``.grad``, as it adds dense gradients."""
     grad_slice = grad_slice.to(param.dtype)
     if idx is None:
         return grad_slice
-    return torch.zeros_like(param).index_add_(dim, idx, grad_slice)
+    return torch.zeros_like(param).index_copy_(dim, idx, grad_slice)
 
 
 class _GatheredLinear(torch.autograd.Function):
@@ -176,7 +182,8 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
                 if path == 0:
                     grads[i] = part
                 else:
-                    grads[i].index_add_(1 if i == 2 else 0, idx, part)
+                    dim = 1 if i == 2 else 0  # add the kept slice in, without index_add_'s atomics
+                    grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
         return grad_x.to(ctx.in_dtype), *grads, None, None, None, None
 
