@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from satrun.training.runtime import enable_activation_checkpointing
+from satrun.sat.selection import kept_heads
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
 from tests.sat.models import ARCHITECTURES, build
@@ -95,8 +96,11 @@ def test_sparse_step_equals_masked_dense_reference(arch: str, metric: str) -> No
     for i, sel in keep.items():
         assert sel["channels"] is not None and sel["heads"] is not None
         assert sel["channels"].numel() == 40  # half of 80 channels
-        n_heads = model.config.num_attention_heads
-        assert sel["heads"].numel() == round(n_heads / 2)
+        n_heads, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+        assert sel["heads"].numel() == kept_heads(n_heads, n_kv, 0.5)
+        if n_kv < n_heads:  # GQA: as many kept heads in every KV group
+            per_group = torch.bincount(sel["heads"] // (n_heads // n_kv), minlength=n_kv)
+            assert (per_group == per_group[0]).all()
     assert_matches_masked_reference(reference, keep, ids, labels, logits, grads)
     for i, layer in enumerate(model.model.layers):  # omitted neurons get exactly zero gradient
         omitted = torch.ones(layer.mlp.gate_proj.out_features, dtype=torch.bool)
@@ -321,3 +325,24 @@ def test_the_mean_fill_keeps_no_low_precision_copy_of_the_down_projection() -> N
         del loss
     copies = 2 * 64 * 2048 * 2  # bytes of two layers' bf16 W_down
     assert live["mean"] - live["zero"] < copies / 4, (live, copies)
+
+
+def test_grouped_query_attention_reaches_the_kernel_grouped(monkeypatch) -> None:
+    """Under GQA the sparse path hands SDPA the KV heads themselves (enable_gqa), as the dense
+    path does, instead of a copy of K and V for every kept query head."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = build("llama-gqa")  # 6 query heads, 2 KV heads
+    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(name="topk"), seed=0)
+    sat.set_rates(0.5, 0.5, step=0)
+    ids, labels = batch()
+    model(ids, labels=labels).loss.backward()
+    assert calls and all(c == (4, 2, True) for c in calls), calls  # 2 of 3 heads in each group

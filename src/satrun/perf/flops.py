@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
-from satrun.sat.selection import kept_count
+from satrun.sat.selection import kept_count, kept_heads
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def token_flops(
     proj = core = mlp = 0.0
     for mlp_r, attn_r in zip(_per_layer(mlp_rate, shape.layers, layers), _per_layer(attn_rate, shape.layers, layers)):
         mlp_keep = kept_count(shape.intermediate, mlp_r, align) / shape.intermediate if mlp_r else 1.0
-        head_keep = kept_count(shape.heads, attn_r) / shape.heads if attn_r else 1.0
+        head_keep = kept_heads(shape.heads, shape.kv_heads, attn_r) / shape.heads if attn_r else 1.0
         kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
         proj += 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
         core += 4 * q_width * (seq_len / 2) * head_keep

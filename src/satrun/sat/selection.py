@@ -21,6 +21,16 @@ def kept_count(n: int, rate: float, align: int = 1) -> int:
     return int(min(n, max(1 if align <= 1 or n < align else align, k)))
 
 
+def kept_heads(n_q: int, n_kv: int, rate: float) -> int:
+    """Query heads kept at omission ``rate``: ``kept_count(n_q, rate)`` under multi-head
+    attention; under grouped-query attention the same number in each of the ``n_kv`` groups
+    (``kept_count`` of a group's heads), so that the kept heads still share their KV heads evenly
+    and the attention kernel takes them as grouped-query attention, without copying K and V."""
+    if n_q == n_kv:
+        return kept_count(n_q, rate)
+    return n_kv * kept_count(n_q // n_kv, rate)
+
+
 def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` highest scores of each row."""
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values

@@ -296,16 +296,15 @@ def _omitted_mean_output(owner: Sparsifier, act: torch.Tensor, w_down: torch.Ten
         return w_down @ mean.index_fill_(0, kept, 0.0).to(w_down.dtype)
 
 
-def _select_heads(
-    module: torch.nn.Module, x: torch.Tensor
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(kept query heads, KV heads to compute or None for all, each kept query head's KV head).
+def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    """(kept query heads, KV heads to compute or None for all, kept query heads per KV head).
 
-    Query heads are chosen freely, so the kept count is exact for any head count. Under
-    multi-head attention only the kept heads' keys and values are computed. Under grouped-query
-    attention all KV heads are computed by the module's own projections (they are few, and a
-    data-dependent subset would force a device sync) and expanded to one per kept query head, as
-    the dense path's repeat_kv does.
+    Under multi-head attention query heads are chosen freely and only the kept heads' keys and
+    values are computed. Under grouped-query attention the same number of query heads is chosen
+    in every KV group (:func:`selection.kept_heads`), all KV heads are computed by the module's
+    own projections (they are few, and a data-dependent subset would force a device sync), and
+    the kernel attends grouped (SDPA's ``enable_gqa``, as in the dense path) with no copy of K
+    and V per kept query head.
     """
     owner: Sparsifier = module._sat.owner
     d = module.head_dim
@@ -315,10 +314,15 @@ def _select_heads(
         owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.v_proj.weight, module.o_proj.weight, d,
         owner.metric.token_stride, owner.generator(x.device),
     )
-    heads = owner.choose(owner.agree(scores)[None], selection.kept_count(n_q, owner.attn_rate), x.device)[0]
+    scores = owner.agree(scores)
     if n_q == n_kv:
-        return heads, heads, None
-    return heads, None, torch.div(heads, n_q // n_kv, rounding_mode="floor")
+        heads = owner.choose(scores[None], selection.kept_heads(n_q, n_kv, owner.attn_rate), x.device)[0]
+        return heads, heads, 1
+    group = n_q // n_kv
+    per_group = selection.kept_heads(n_q, n_kv, owner.attn_rate) // n_kv
+    chosen = owner.choose(scores.view(n_kv, group), per_group, x.device)  # sorted within each group
+    heads = (chosen + group * torch.arange(n_kv, device=chosen.device)[:, None]).flatten()
+    return heads, None, per_group
 
 
 def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -344,10 +348,10 @@ def _attention_forward(
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # training: no KV cache is kept
     if not _in_backward() or slot.last is None:
         with torch.no_grad(), owner._clock.measure(hidden_states.device):
-            q_heads, kv_heads, kv_of_q = _select_heads(self, hidden_states)
+            q_heads, kv_heads, per_kv = _select_heads(self, hidden_states)
             kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
-            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, kv_of_q)
-    _, q_rows, kv_rows, kv_of_q = slot.last
+            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, per_kv)
+    _, q_rows, kv_rows, per_kv = slot.last
     batch, length, _ = hidden_states.shape
     d = self.head_dim
     q, k, v = (_project(proj, hidden_states, rows) for proj, rows in
@@ -356,11 +360,9 @@ def _attention_forward(
     modeling = sys.modules[type(self).__module__]
     cos, sin = position_embeddings
     q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
-    if kv_of_q is not None:
-        k, v = k.index_select(1, kv_of_q), v.index_select(1, kv_of_q)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
     view = types.SimpleNamespace(  # the module as the attention kernel sees it: fewer heads
-        num_key_value_groups=1, is_causal=True, training=True, config=self.config,
+        num_key_value_groups=per_kv, is_causal=True, training=True, config=self.config,
         layer_idx=getattr(self, "layer_idx", None), head_dim=d, scaling=self.scaling,
     )
     window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
