@@ -465,8 +465,9 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     if all(stage.dense for stage in stages):
         return ScheduledSparsity(stages, None)
     try:
+        sharded = distributed.sharded_start(cfg.trainer.strategy, distributed.current())  # FSDP2
         sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed,
-                                tokens=sparse_tokens(cfg))
+                                tokens=sparse_tokens(cfg), regather=sharded)
         return ScheduledSparsity(stages, sparsifier)
     except ScheduleError as exc:
         raise UsageError(f"model={cfg.model.name}: {exc}") from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 
 from satrun.perf.memory import TensorMemory, peak_bytes, resident_tensors
@@ -49,3 +50,32 @@ def test_sat_step_peaks_below_dense_step() -> None:
     sparse = _step_peak(model, optimizer, batch)
     params = sum(p.numel() * 4 for p in model.parameters())
     assert 3 * params < sparse < dense  # weights, grads and two Adam moments, plus less activation memory
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_plans_peak_bounds_a_measured_step_closely(precision: str) -> None:
+    """The plan's peak per rank (every tensor of a step summed) against the tensor bytes a real
+    step of the same shape holds at its peak (second step: AdamW's moments exist)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from satrun.config import OptimConfig
+    from satrun.data import collate
+    from satrun.perf.flops import Shape
+    from satrun.perf.plan import memory_per_rank
+    from satrun.training.loss import CausalLMObjective
+    from satrun.training.optim import build_optimizer
+    from satrun.training.trainer import train_step
+
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=4, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).train()
+    optimizer = build_optimizer(model, OptimConfig())
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    batch = collate([(row, row.clone()) for row in ids], 0)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    step = lambda: train_step(CausalLMObjective(model), optimizer, [batch], 1.0, amp)  # noqa: E731
+    step()
+    measured = peak_bytes(step, torch.device("cpu"), resident_tensors(model, optimizer))
+    planned = memory_per_rank(Shape.from_config(config), 1, "auto", 2 if precision == "bf16" else 4, tokens=4 * 64)["peak"]
+    assert measured <= planned <= 1.3 * measured, (measured, planned)

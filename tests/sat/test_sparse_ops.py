@@ -50,3 +50,33 @@ def test_gradients_are_placed_by_copies_not_index_add_and_equal_autograd_through
     sum(o.square().sum() for o in reference).backward()
     for g, t in zip(got, (x, gate, up, down, proj)):
         torch.testing.assert_close(g, t.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_regather_keeps_no_weight_slice_for_backward_and_gives_the_same_gradients() -> None:
+    """Under FSDP2 the whole weights are gathered again for backward: kept slices saved from the
+    forward would pin a copy of every layer's kept weights per rank. With ``regather`` only the
+    indices are saved; the gradients are the same."""
+    x = torch.randn(2, 8, requires_grad=True)
+    gate, up, down, proj = _weights((64, 8), (64, 8), (8, 64), (64, 8))
+    idx = torch.arange(0, 64, 2)
+    rows = torch.tensor([0]), torch.tensor([1])
+    params = {t.untyped_storage().data_ptr() for t in (gate, up, down, proj)}
+    results = {}
+    for regather in (False, True):
+        saved = [0]
+
+        def pack(t):  # type: ignore[no-untyped-def]
+            if t.untyped_storage().data_ptr() not in params and t.dim() == 2 and t.shape[0] * t.shape[1] >= 256:
+                saved[0] += t.numel()  # weight-sized tensors that are not the weights themselves
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outputs = [sparse_swiglu(x, gate, up, down, idx, regather), gathered_linear(x, proj, None, idx, 0, regather),
+                       token_split_swiglu(x, gate, up, down, idx, *rows, None, regather)]
+        sum(o.square().sum() for o in outputs).backward()
+        results[regather] = (saved[0], [t.grad.clone() for t in (x, gate, up, down, proj)])
+        for t in (x, gate, up, down, proj):
+            t.grad = None
+    assert results[False][0] > 0 and results[True][0] == 0
+    for a, b in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(a, b)

@@ -39,15 +39,26 @@ def parameters(shape: Shape) -> int:
 
 
 def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float = 1.0, head_keep: float = 1.0) -> float:
-    """Activations kept for backward in one micro-batch (an estimate, not a measurement).
+    """Activations kept for backward in one micro-batch of ``tokens`` positions (an estimate).
 
-    Per token and layer: residual and two norm outputs (3h), q, k, v and the attention output,
-    the MLP's gate, up and product (3i); plus fp32 logits and their gradient for the LM head.
+    Per token and layer, as transformers' Llama layer keeps them (measured with satrun's tensor
+    counter at two widths; benchmarks/plan_memory.py checks the whole): the two RMSNorms' fp32
+    inputs and outputs (16h bytes, fp32 even under autocast); the attention's tensors of width
+    h (q, k, v and their rotary forms, the kernel's output and inputs: six fp32 ones, nine bf16
+    ones under autocast, which casts the projections' shared input once per projection); the
+    MLP's gate, up, SiLU and product (4i). Plus the head's logits and their gradient (fp32) at
+    every position, the most a step can have (satrun's head runs at labelled positions only).
     """
-    h, d = shape.hidden, shape.head_dim
-    kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
-    per_layer = 3 * h + 2 * shape.heads * d * head_keep + 2 * shape.kv_heads * d * kv_keep + 3 * shape.intermediate * mlp_keep
-    return tokens * (shape.layers * per_layer * act_bytes + 2 * 4 * shape.vocab)
+    h = shape.hidden
+    attention = (6 * 4 if act_bytes == 4 else 9 * 2) * h * (head_keep if shape.heads == shape.kv_heads else 1.0)
+    per_layer = 16 * h + attention + 4 * shape.intermediate * act_bytes * mlp_keep
+    return tokens * (shape.layers * per_layer + 2 * 4 * shape.vocab)
+
+
+def linear_parameters(shape: Shape) -> int:
+    """Parameters that go through matrix products: each layer's projections and the LM head
+    (autocast keeps a bf16 copy of each for backward)."""
+    return shape.layers * (layer_parameters(shape) - 2 * shape.hidden) + shape.vocab * shape.hidden
 
 
 def layer_parameters(shape: Shape) -> int:
@@ -56,20 +67,54 @@ def layer_parameters(shape: Shape) -> int:
     return h * shape.heads * d * 2 + h * shape.kv_heads * d * 2 + 3 * h * shape.intermediate + 2 * h
 
 
-def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int) -> dict[str, float]:
-    """Bytes each rank holds for the model (fp32 weights, gradients, AdamW's two moments) and,
-    under FSDP2, the whole parameters it gathers for a moment: two decoder layers (the one
-    computing and the next, prefetched) and the root group (embeddings, final norm, head), in
-    the compute dtype, plus one layer's whole gradients before they are reduce-scattered.
+def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int, tokens: int = 0,
+                    mlp_keep: float = 1.0, head_keep: float = 1.0) -> dict[str, float]:
+    """Bytes each rank holds, and its peak during a step of micro-batches of ``tokens`` positions.
+
+    Always: fp32 weights, gradients and AdamW's two moments (under FSDP2 this rank's shards).
+    One process and DDP under bf16: autocast's bf16 copy of every matrix, kept for backward
+    (``autocast_copies``). DDP's gradients are views of its communication buckets, which it
+    allocates once and keeps: the gradients' memory never goes away between steps. FSDP2:
+    what it gathers for a moment, in the compute dtype (``gathered``): the root group
+    (embeddings, final norm, head) for the whole step, two decoder layers (the one computing and
+    the next, prefetched), and one layer's whole gradient in the compute dtype and in fp32 for
+    the reduce-scatter; its parameters are already bf16, so autocast copies nothing.
+
+    ``peak``: all of it summed, as if no memory freed in backward served a later tensor: the
+    activations and copies go as the gradients come, so the tensors alive at once are fewer
+    (by at most the smaller of the two), but an allocator only hands freed blocks on where
+    sizes fit, and on CPU, measured, the peaks come within 10% of this sum at Llama-2-7B's
+    width (benchmarks/plan_memory.py, docs/performance.md); under DDP the gradients' buckets
+    are there throughout anyway.
     ``host_start_up``: host memory of the weights while the model is built (FSDP2 starts from
     the meta device and reads only its shards; otherwise each rank loads the whole model)."""
     n = parameters(shape)
     shards = ranks if strategy == "fsdp" and ranks > 1 else 1
     layer = layer_parameters(shape)
     root = n - shape.layers * layer
-    gathered = (2 * layer + root) * compute_bytes + layer * compute_bytes if shards > 1 else 0.0
+    sharded = shards > 1
+    gathered = (root + 2 * layer) * compute_bytes + layer * (compute_bytes + 4) if sharded else 0.0
+    copies = 2 * linear_parameters(shape) if compute_bytes == 2 and not sharded else 0.0
+    acts = activation_bytes(shape, tokens, compute_bytes, mlp_keep, head_keep)
     own = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards, "gathered": gathered}
-    return {**own, "model_total": sum(own.values()), "host_start_up": 4 * n / shards}
+    peak = sum(own.values()) + copies + acts
+    return {**own, "model_total": sum(own.values()), "autocast_copies": copies, "activations": acts, "peak": peak,
+            "host_start_up": 4 * n / shards}
+
+
+# A GPU step's work that scales with the weights, not the tokens: fused AdamW reads and writes
+# the fp32 weight and both moments and reads the gradient (28 bytes per parameter), clipping
+# reads the gradient, zeroing writes it, autocast reads the weight and writes its bf16 copy
+# (about 42 bytes in all), at memory speed. The matrix products take 6 FLOPs per parameter and
+# token at a fraction of the peak. An H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 (half of it reached).
+PER_WEIGHT_BYTES, GPU_BYTES_PER_S, GPU_FLOPS = 42, 3.35e12, 0.5 * 989e12
+
+
+def per_weight_share(parameters: int, tokens: int) -> float:
+    """The estimated share of a GPU step of ``tokens`` positions spent on per-weight work, which
+    SAT does not shrink (a prediction from the constants above, not a measurement)."""
+    weights = parameters * PER_WEIGHT_BYTES / GPU_BYTES_PER_S
+    return weights / (weights + 6 * parameters * tokens / GPU_FLOPS)
 
 
 def build_plan(
@@ -112,6 +157,7 @@ def build_plan(
     return {
         "shape": asdict(shape),
         "parameters": n_params,
+        "per_weight_share": per_weight_share(n_params, tokens),
         "seq_len": seq_len,
         "micro_batch_size": micro_batch,
         "precision": precision,
@@ -124,7 +170,9 @@ def build_plan(
         "train_flops": {"dense": total_steps * positions * dense_cost, "sat": sat_time * positions * dense_cost},
         "ranks": ranks,
         "strategy": strategy,
-        "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act),
+        "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act, tokens),
+        "memory_per_rank_first_stage_bytes": memory_per_rank(shape, ranks, strategy, act, tokens,
+                                                             1 - stages[0].mlp_rate, 1 - stages[0].attn_rate),
         "memory_bytes": {
             "weights": 4 * n_params,
             "gradients": 4 * n_params,
@@ -180,12 +228,17 @@ def print_plan(plan: dict[str, Any]) -> None:
     for key in ("weights", "gradients", "optimizer", "activations_dense", "activations_first_stage"):
         memory.add_row(key.replace("_", " "), f"{mem[key] / gib:.2f}")
     console.print(memory)
-    per_rank = plan["memory_per_rank_bytes"]
+    per_rank, first = plan["memory_per_rank_bytes"], plan["memory_per_rank_first_stage_bytes"]
     ranks = Table(title=f"memory per rank: {plan['ranks']} rank(s), strategy {plan['strategy']} (plan.ranks, trainer.strategy)")
     ranks.add_column("what")
     ranks.add_column("GiB", justify="right")
-    for key in ("weights", "gradients", "optimizer", "gathered", "model_total", "host_start_up"):
+    for key in ("weights", "gradients", "optimizer", "gathered", "autocast_copies", "activations", "host_start_up"):
         ranks.add_row(key.replace("_", " "), f"{per_rank[key] / gib:.2f}")
-    ranks.add_row("+ activations (first stage .. dense)",
-                  f"{mem['activations_first_stage'] / gib:.2f} .. {mem['activations_dense'] / gib:.2f}")
+    ranks.add_row("peak during a step (dense; first SAT stage)", f"{per_rank['peak'] / gib:.2f}; {first['peak'] / gib:.2f}")
     console.print(ranks)
+    share = plan["per_weight_share"]
+    if share > 0.2 and plan["parameters"] >= 1e9:  # a model trained on GPUs
+        tokens = plan["seq_len"] * plan["micro_batch_size"]
+        console.print(f"warning: at {tokens} tokens per micro-batch, work per weight (AdamW, clipping, casts) is about "
+                      f"{100 * share:.0f}% of a GPU step (an estimate for an H100): SAT shrinks only the rest. On a GPU "
+                      "give each micro-batch several thousand tokens (trainer.seq_len x trainer.micro_batch_size)")

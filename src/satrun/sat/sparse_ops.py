@@ -12,6 +12,11 @@ gradient clipping see it like any other.
 Mixed precision is handled here rather than by autocast: when autocast is on, the input and the
 gathered weight slices are cast once to its dtype, the products run in that dtype with autocast
 off, and the low-precision slices are what is kept for backward, on any device.
+
+``regather``: keep only the indices and gather the slices again in backward, from the weight as
+it is then. For FSDP2, whose whole weights exist only while a layer computes and are gathered
+again for its backward: kept slices would pin a copy of every layer's kept weights per rank
+for the whole forward, whatever the number of ranks (about 4 GB at Llama-2-7B, rate 0.5).
 """
 
 from __future__ import annotations
@@ -48,19 +53,21 @@ class _GatheredLinear(torch.autograd.Function):
     """y = x @ W[idx].T + b[idx] (dim 0: a subset of outputs), or x @ W[:, idx].T + b (dim 1)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, idx, dim):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, weight, bias, idx, dim, regather):  # type: ignore[no-untyped-def]
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
         w = weight.index_select(dim, idx).to(dtype)
         b = None if bias is None else (bias.index_select(0, idx) if dim == 0 else bias).to(dtype)
-        ctx.save_for_backward(xc, w, idx)
-        ctx.weight, ctx.bias, ctx.dim, ctx.in_dtype = weight, bias, dim, x.dtype  # for shapes and dtypes
+        ctx.save_for_backward(xc, None if regather else w, idx)
+        ctx.weight, ctx.bias, ctx.dim, ctx.in_dtype, ctx.dtype = weight, bias, dim, x.dtype, dtype
         with torch.autocast(x.device.type, enabled=False):
             return F.linear(xc, w, b)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x, w, idx = ctx.saved_tensors
+        if w is None:
+            w = ctx.weight.index_select(ctx.dim, idx).to(ctx.dtype)
         g = grad_out.to(w.dtype)
         grad_x = (g @ w).to(ctx.in_dtype)
         g2 = g.reshape(-1, g.shape[-1])
@@ -69,42 +76,44 @@ class _GatheredLinear(torch.autograd.Function):
             grad_w = _full_grad(ctx.weight, ctx.dim, idx, g2.t() @ x.reshape(-1, x.shape[-1]))
         if ctx.bias is not None and ctx.needs_input_grad[2]:
             grad_b = _full_grad(ctx.bias, 0, idx if ctx.dim == 0 else None, g2.sum(0))
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def gathered_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, dim: int
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], idx: torch.Tensor, dim: int,
+    regather: bool = False,
 ) -> torch.Tensor:
     """A linear layer restricted to output rows ``idx`` (dim=0) or input columns ``idx`` (dim=1).
 
     For dim=1, ``x`` holds only the kept input features, in the order of ``idx``.
     """
-    return _GatheredLinear.apply(x, weight, bias, idx, dim)
+    return _GatheredLinear.apply(x, weight, bias, idx, dim, regather)
 
 
 class _SparseSwiGLU(torch.autograd.Function):
     """down(silu(gate(x)) * up(x)) on the kept intermediate channels ``idx`` only."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, idx):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, w_gate, w_up, w_down, idx, regather):  # type: ignore[no-untyped-def]
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
-        g_w = w_gate.index_select(0, idx).to(dtype)
-        u_w = w_up.index_select(0, idx).to(dtype)
-        d_w = w_down.index_select(1, idx).to(dtype)
+        g_w, u_w, d_w = _kept(w_gate, w_up, w_down, idx, dtype)
         with torch.autocast(x.device.type, enabled=False):
             gate = F.linear(xc, g_w)
             up = F.linear(xc, u_w)
             act = F.silu(gate)
             out = F.linear(act * up, d_w)
-        ctx.save_for_backward(xc, gate, act, up, g_w, u_w, d_w, idx)  # what dense autograd keeps, less act*up
-        ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
+        slices = (None, None, None) if regather else (g_w, u_w, d_w)
+        ctx.save_for_backward(xc, gate, act, up, *slices, idx)  # what dense autograd keeps, less act*up
+        ctx.params, ctx.in_dtype, ctx.dtype = (w_gate, w_up, w_down), x.dtype, dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         x, gate, act, up, g_w, u_w, d_w, idx = ctx.saved_tensors
         w_gate, w_up, w_down = ctx.params
+        if g_w is None:
+            g_w, u_w, d_w = _kept(w_gate, w_up, w_down, idx, ctx.dtype)
         k = idx.numel()
         x2 = x.reshape(-1, x.shape[-1])
         dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
@@ -117,14 +126,23 @@ class _SparseSwiGLU(torch.autograd.Function):
         grad_gate = _full_grad(w_gate, 0, idx, d_gate.t() @ x2) if want[1] else None
         grad_up = _full_grad(w_up, 0, idx, d_up.t() @ x2) if want[2] else None
         grad_x = (d_gate @ g_w).addmm_(d_up, u_w)
-        return grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), grad_gate, grad_up, grad_down, None
+        return (grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), grad_gate, grad_up, grad_down,
+                None, None)
+
+
+def _kept(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept channels' rows of W_gate and W_up and columns of W_down, in ``dtype``."""
+    return (w_gate.index_select(0, idx).to(dtype), w_up.index_select(0, idx).to(dtype),
+            w_down.index_select(1, idx).to(dtype))
 
 
 def sparse_swiglu(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor,
+    regather: bool = False,
 ) -> torch.Tensor:
     """The SwiGLU MLP of Llama-family models computed on channels ``idx`` (sorted, int64)."""
-    return _SparseSwiGLU.apply(x, w_gate, w_up, w_down, idx)
+    return _SparseSwiGLU.apply(x, w_gate, w_up, w_down, idx, regather)
 
 
 class _TokenSplitSwiGLU(torch.autograd.Function):
@@ -136,11 +154,11 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
     in place, with no zero-filled buffer and no second full-size gradient to sum."""
 
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill):  # type: ignore[no-untyped-def]
+    def forward(ctx, x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill, regather):  # type: ignore[no-untyped-def]
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
         full = tuple(w.to(dtype) for w in (w_gate, w_up, w_down))
-        kept = (full[0].index_select(0, idx), full[1].index_select(0, idx), full[2].index_select(1, idx))
+        kept = _kept(*full, idx, dtype)
         out = torch.empty(x.shape[0], w_down.shape[0], dtype=dtype, device=x.device)
         saved = []
         with torch.autocast(x.device.type, enabled=False):
@@ -153,8 +171,10 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
                     y += fill.to(dtype)
                 out.index_copy_(0, rows, y)
                 saved += [xr, gate, act, up]
+        if regather:  # the weights themselves (gathered again by FSDP2 for backward) are cast and sliced again there
+            full, kept = (None,) * 3, (None,) * 3
         ctx.save_for_backward(*saved, *full, *kept, idx, dense_rows, sparse_rows)
-        ctx.params, ctx.in_dtype = (w_gate, w_up, w_down), x.dtype
+        ctx.params, ctx.in_dtype, ctx.dtype = (w_gate, w_up, w_down), x.dtype, dtype
         return out
 
     @staticmethod
@@ -163,6 +183,9 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
         paths = (saved[0:4], saved[4:8])
         weights = (saved[8:11], saved[11:14])
         idx, dense_rows, sparse_rows = saved[14:17]
+        if weights[0][0] is None:
+            full = tuple(w.to(ctx.dtype) for w in ctx.params)
+            weights = (full, _kept(*full, idx, ctx.dtype))
         w_gate, w_up, w_down = ctx.params
         want = ctx.needs_input_grad
         g = grad_out.to(weights[0][2].dtype)
@@ -185,13 +208,13 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
                     dim = 1 if i == 2 else 0  # add the kept slice in, without index_add_'s atomics
                     grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
-        return grad_x.to(ctx.in_dtype), *grads, None, None, None, None
+        return grad_x.to(ctx.in_dtype), *grads, None, None, None, None, None
 
 
 def token_split_swiglu(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, idx: torch.Tensor,
-    dense_rows: torch.Tensor, sparse_rows: torch.Tensor, fill: Optional[torch.Tensor] = None,
+    dense_rows: torch.Tensor, sparse_rows: torch.Tensor, fill: Optional[torch.Tensor] = None, regather: bool = False,
 ) -> torch.Tensor:
     """The SwiGLU MLP on the rows of ``x`` (``[tokens, hidden]``): ``dense_rows`` through every
     channel, ``sparse_rows`` through channels ``idx`` only, plus ``fill`` (no gradient)."""
-    return _TokenSplitSwiGLU.apply(x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill)
+    return _TokenSplitSwiGLU.apply(x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill, regather)

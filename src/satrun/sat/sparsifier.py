@@ -62,6 +62,7 @@ class Sparsifier:
     layers: Optional[list[int]] = None
     seed: int = 0
     tokens: str = "all"  # all | unlabelled: which tokens omit neurons (see the module's docstring)
+    regather: bool = False  # keep indices, not weight slices, for backward (FSDP2: see sparse_ops)
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "unlabelled"):
@@ -155,15 +156,26 @@ class Sparsifier:
         dist.all_reduce(scores, op=dist.ReduceOp.MAX if reduce == "max" else dist.ReduceOp.SUM)
         return scores.sqrt_() if reduce == "l2" else scores
 
-    def agree_mean(self, total: torch.Tensor, count: int) -> torch.Tensor:
-        """The mean of vectors whose sum over ``count`` tokens is ``total``; under data
-        parallelism over every rank's tokens (their counts differ under ``tokens=unlabelled``).
-        No token at all gives zeros."""
-        if _data_parallel():
-            both = torch.cat([total.float(), total.new_full((1,), float(count), dtype=torch.float32)])
-            dist.all_reduce(both, op=dist.ReduceOp.SUM)
-            return (both[:-1] / both[-1:].clamp_min(1.0)).to(total.dtype)
-        return total / max(1, count)
+    def agree_with_mean(self, scores: torch.Tensor, total: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`agree`'s scores, and the mean of vectors whose sum over ``count`` tokens is
+        ``total``: under data parallelism over every rank's tokens (their counts differ under
+        ``tokens=unlabelled``); no token at all gives zeros. Where the metric's scores are
+        reduced by a sum (all but maxip's maximum) both travel in one collective, so a layer
+        waits for one reduction, not two."""
+        if not _data_parallel():
+            return scores, total / max(1, count)
+        if importance.REDUCE[self.metric.name] == "max":
+            scores = self.agree(scores)
+            packed = torch.cat([total.float(), total.new_full((1,), float(count), dtype=torch.float32)])
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+            return scores, (packed[:-1] / packed[-1:].clamp_min(1.0)).to(total.dtype)
+        squared = importance.REDUCE[self.metric.name] == "l2"
+        n = scores.numel()
+        packed = torch.cat([(scores.square() if squared else scores).float().flatten(), total.float(),
+                            total.new_full((1,), float(count), dtype=torch.float32)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+        agreed = packed[:n].view_as(scores).to(scores.dtype)
+        return (agreed.sqrt_() if squared else agreed), (packed[n:-1] / packed[-1:].clamp_min(1.0)).to(total.dtype)
 
     def choose(self, scores: torch.Tensor, k: int, device: torch.device) -> torch.Tensor:
         if self.selector.name == "topk":
@@ -271,27 +283,31 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             fill = owner.selector.fill == "mean"
             act = importance.activations(flat, w_gate, w_up, stride) if fill or owner.metric.name in ("maxip", "contrib") else None
             scores = importance.channel_scores(owner.metric.name, flat, w_gate, w_up, w_down, stride, owner.generator(x.device), act)
-            scores = owner.agree(scores)
+            if fill:
+                scores, mean = owner.agree_with_mean(scores, act.sum(0), act.shape[0])
+            else:
+                scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
-            slot.last = (kept, _omitted_mean_output(owner, act, w_down, kept) if fill else None, rows)
+            slot.last = (kept, _omitted_mean_output(mean, w_down, kept) if fill else None, rows)
     kept, fill_out, rows = slot.last
     weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
     if rows is None:
-        out = sparse_swiglu(x, *weights, kept)
+        out = sparse_swiglu(x, *weights, kept, owner.regather)
         return out if fill_out is None else out + fill_out.to(out.dtype)
-    out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out)  # rows with a loss: every channel
+    out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out,  # rows with a loss: every channel
+                             owner.regather)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _omitted_mean_output(owner: Sparsifier, act: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """What the omitted channels add to the layer's output on average over the scored tokens:
-    W_down[:, omitted] @ mean(act[:, omitted]), one matrix-vector product with the kept channels'
+def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """What the omitted channels add to the layer's output on average over the scored tokens
+    (``mean``: every channel's mean activation over them, all ranks'):
+    W_down[:, omitted] @ mean[omitted], one matrix-vector product with the kept channels'
     means zeroed (no index of the omitted set is formed, so no device sync, and no weight gather).
     It runs in fp32 with autocast off: under autocast the product would cast ``W_down`` to bf16
     and autocast would keep that copy of every layer's weight to the end of the forward (about
     2.9 GB at Llama-2-7B); reading the fp32 weight once for a matrix-vector product costs little."""
-    mean = owner.agree_mean(act.sum(0), act.shape[0])
     with torch.autocast(w_down.device.type, enabled=False):
         return w_down @ mean.index_fill_(0, kept, 0.0).to(w_down.dtype)
 
@@ -329,9 +345,9 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
-def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tensor], regather: bool) -> torch.Tensor:
     """The projection's output rows ``rows``, or all of them (None, through the module itself)."""
-    return linear(x) if rows is None else gathered_linear(x, linear.weight, linear.bias, rows, 0)
+    return linear(x) if rows is None else gathered_linear(x, linear.weight, linear.bias, rows, 0, regather)
 
 
 def _attention_forward(
@@ -354,7 +370,7 @@ def _attention_forward(
     _, q_rows, kv_rows, per_kv = slot.last
     batch, length, _ = hidden_states.shape
     d = self.head_dim
-    q, k, v = (_project(proj, hidden_states, rows) for proj, rows in
+    q, k, v = (_project(proj, hidden_states, rows, owner.regather) for proj, rows in
                ((self.q_proj, q_rows), (self.k_proj, kv_rows), (self.v_proj, kv_rows)))
     q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
     modeling = sys.modules[type(self).__module__]
@@ -371,4 +387,4 @@ def _attention_forward(
         view, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **extra, **kwargs
     )
     out = out.reshape(batch, length, -1).contiguous()
-    return gathered_linear(out, self.o_proj.weight, self.o_proj.bias, q_rows, 1), weights
+    return gathered_linear(out, self.o_proj.weight, self.o_proj.bias, q_rows, 1, owner.regather), weights
