@@ -242,7 +242,7 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     try:
         plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
                           precision, align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
-                          split, sparse_tokens(cfg), t.grad_accum)
+                          split, sparse_tokens(cfg), t.grad_accum, t.activation_checkpointing)
     except ScheduleError as exc:
         raise UsageError(str(exc)) from exc
     out = run_dir / "plan.json"

@@ -79,3 +79,15 @@ def test_the_plans_peak_bounds_a_measured_step_closely(precision: str) -> None:
     measured = peak_bytes(step, torch.device("cpu"), resident_tensors(model, optimizer))
     planned = memory_per_rank(Shape.from_config(config), 1, "auto", 2 if precision == "bf16" else 4, tokens=4 * 64)["peak"]
     assert measured <= planned <= 1.3 * measured, (measured, planned)
+
+
+def test_checkpointing_shrinks_the_planned_activations_to_a_layer_and_the_layer_inputs() -> None:
+    from satrun.perf.flops import Shape
+    from satrun.perf.plan import activation_bytes, memory_per_rank
+
+    shape = Shape(4096, 11008, 32, 32, 32, 128, 32000)
+    full, kept = activation_bytes(shape, 8192, 2), activation_bytes(shape, 8192, 2, checkpointing=True)
+    assert 5 * kept < full
+    layer = (activation_bytes(Shape(4096, 11008, 1, 32, 32, 128, 32000), 8192, 2) - 8192 * 8 * 32000)
+    assert kept == pytest.approx(8192 * (32 * 4 * 4096 + 8 * 32000) + layer)
+    assert memory_per_rank(shape, 8, "fsdp", 2, 8192, checkpointing=True)["peak"] < memory_per_rank(shape, 8, "fsdp", 2, 8192)["peak"]

@@ -38,7 +38,8 @@ def parameters(shape: Shape) -> int:
     return shape.layers * layer_parameters(shape) + embeddings + shape.hidden
 
 
-def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float = 1.0, head_keep: float = 1.0) -> float:
+def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float = 1.0, head_keep: float = 1.0,
+                     checkpointing: bool = False) -> float:
     """Activations kept for backward in one micro-batch of ``tokens`` positions (an estimate).
 
     Per token and layer, as transformers' Llama layer keeps them (measured with satrun's tensor
@@ -48,11 +49,14 @@ def activation_bytes(shape: Shape, tokens: int, act_bytes: int, mlp_keep: float 
     ones under autocast, which casts the projections' shared input once per projection); the
     MLP's gate, up, SiLU and product (4i). Plus the head's logits and their gradient (fp32) at
     every position, the most a step can have (satrun's head runs at labelled positions only).
+    With activation ``checkpointing`` each layer keeps only its fp32 input, and one layer's
+    activations exist at a time (recomputed in backward).
     """
     h = shape.hidden
     attention = (6 * 4 if act_bytes == 4 else 9 * 2) * h * (head_keep if shape.heads == shape.kv_heads else 1.0)
     per_layer = 16 * h + attention + 4 * shape.intermediate * act_bytes * mlp_keep
-    return tokens * (shape.layers * per_layer + 2 * 4 * shape.vocab)
+    layers = shape.layers * 4 * h + per_layer if checkpointing else shape.layers * per_layer
+    return tokens * (layers + 2 * 4 * shape.vocab)
 
 
 def linear_parameters(shape: Shape) -> int:
@@ -68,7 +72,7 @@ def layer_parameters(shape: Shape) -> int:
 
 
 def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int, tokens: int = 0,
-                    mlp_keep: float = 1.0, head_keep: float = 1.0) -> dict[str, float]:
+                    mlp_keep: float = 1.0, head_keep: float = 1.0, checkpointing: bool = False) -> dict[str, float]:
     """Bytes each rank holds, and its peak during a step of micro-batches of ``tokens`` positions.
 
     Always: fp32 weights, gradients and AdamW's two moments (under FSDP2 this rank's shards).
@@ -94,8 +98,9 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int,
     root = n - shape.layers * layer
     sharded = shards > 1
     gathered = (root + 2 * layer) * compute_bytes + layer * (compute_bytes + 4) if sharded else 0.0
+    # autocast's cache keeps every copy to the end of the forward, checkpointed layers' too
     copies = 2 * linear_parameters(shape) if compute_bytes == 2 and not sharded else 0.0
-    acts = activation_bytes(shape, tokens, compute_bytes, mlp_keep, head_keep)
+    acts = activation_bytes(shape, tokens, compute_bytes, mlp_keep, head_keep, checkpointing)
     own = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards, "gathered": gathered}
     peak = sum(own.values()) + copies + acts
     return {**own, "model_total": sum(own.values()), "autocast_copies": copies, "activations": acts, "peak": peak,
@@ -121,6 +126,7 @@ def build_plan(
     shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str, align: int = 1,
     layers: Optional[Sequence[int]] = None, ranks: int = 1, strategy: str = "auto",
     split: Optional[Sequence[float]] = None, sparse_tokens: str = "all", grad_accum: int = 1,
+    checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate per rank.
     ``align`` and ``layers`` are the selector's rounding and the sparsified layers, as in
@@ -170,9 +176,10 @@ def build_plan(
         "train_flops": {"dense": total_steps * positions * dense_cost, "sat": sat_time * positions * dense_cost},
         "ranks": ranks,
         "strategy": strategy,
-        "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act, tokens),
+        "activation_checkpointing": checkpointing,
+        "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act, tokens, checkpointing=checkpointing),
         "memory_per_rank_first_stage_bytes": memory_per_rank(shape, ranks, strategy, act, tokens,
-                                                             1 - stages[0].mlp_rate, 1 - stages[0].attn_rate),
+                                                             1 - stages[0].mlp_rate, 1 - stages[0].attn_rate, checkpointing),
         "memory_bytes": {
             "weights": 4 * n_params,
             "gradients": 4 * n_params,
