@@ -103,6 +103,7 @@ class TrainerConfig:
     peak_flops: Optional[float] = None  # per device, FLOP/s, for the model FLOP utilisation (mfu) in records, summary and bench; null: listed GPUs' bf16 peak
     seed: int = 1234  # seeds data order, split, initialisation and SAT sampling; in [0, 2**32)
     activation_checkpointing: bool = False  # recompute each layer in backward: less memory, about a third more compute
+    compile: bool = False  # torch.compile each decoder layer (SAT's selection stays eager; a stage's new kept counts compile once)
     strategy: str = "auto"  # auto (DDP when several ranks run) | single | ddp | fsdp (FSDP2)
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise) | bar | log
 

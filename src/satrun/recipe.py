@@ -273,6 +273,10 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     _, model, corpus = load_inputs(replace(cfg, data=replace(cfg.data, packing=False)) if packed_sft else cfg)
     device = runtime.resolve_device(t.device)
     model.to(device)
+    if t.activation_checkpointing:
+        runtime.enable_activation_checkpointing(model)
+    if t.compile:  # each row's first (untimed) step compiles its shapes
+        runtime.compile_layers(model)
 
     def batches_of(examples: list) -> list[dict[str, torch.Tensor]]:
         stream = BatchStream(examples, t.micro_batch_size, corpus.pad_id, t.seed)

@@ -77,7 +77,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path,
     assert_same_training(runs[0], single[scheduler])
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp"])  # DDP's no_sync is counted in test_gradient_sync.py
 def test_two_ranks_accumulating_micro_batches_equal_one_process(single, tmp_path: Path, strategy: str) -> None:
     """Two micro-batches of one sequence on each of two ranks, gradients reduced after the
     second only, give the step of one process's micro-batch of four (dense: SAT selects per

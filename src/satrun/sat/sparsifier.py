@@ -268,11 +268,35 @@ def _check_layer(layer: torch.nn.Module, index: int) -> None:
 
 
 def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    selected = _mlp_selection(self, x)
+    if selected is None:
+        return type(self).forward(self, x)
+    kept, fill_out, rows = selected
+    owner = self._sat.owner
+    weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+    if rows is None:
+        out = sparse_swiglu(x, *weights, kept, owner.regather)
+        return out if fill_out is None else out + fill_out.to(out.dtype)
+    out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out,  # rows with a loss: every channel
+                             owner.regather)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+@torch.compiler.disable
+def _mlp_selection(self: torch.nn.Module, x: torch.Tensor) -> Optional[tuple]:
+    """(kept channels, mean fill or None, token rows or None) for this forward; None where the
+    layer computes densely (eval mode, rate 0). A forward re-run by activation checkpointing
+    reuses the original forward's selection.
+
+    It runs outside torch.compile's graphs (the layer's products stay in them): it reads a
+    clock, seeds generators and asks autograd whether it is recomputing, and its rates are
+    host numbers that would otherwise be baked into a graph, so a compiled layer compiles again
+    only when the kept counts change its shapes."""
     slot: _LayerSlot = self._sat
     owner = slot.owner
     rate = owner.mlp_rate_of(slot.layer)
     if not self.training or rate == 0.0:
-        return type(self).forward(self, x)
+        return None
     if not _in_backward() or slot.last is None:
         with torch.no_grad(), owner._clock.measure(x.device):
             flat = x.detach().reshape(-1, x.shape[-1])
@@ -290,14 +314,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
             slot.last = (kept, _omitted_mean_output(mean, w_down, kept) if fill else None, rows)
-    kept, fill_out, rows = slot.last
-    weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-    if rows is None:
-        out = sparse_swiglu(x, *weights, kept, owner.regather)
-        return out if fill_out is None else out + fill_out.to(out.dtype)
-    out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out,  # rows with a loss: every channel
-                             owner.regather)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return slot.last
 
 
 def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -350,6 +367,23 @@ def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tens
     return linear(x) if rows is None else gathered_linear(x, linear.weight, linear.bias, rows, 0, regather)
 
 
+@torch.compiler.disable
+def _attention_selection(self: torch.nn.Module, hidden_states: torch.Tensor) -> Optional[tuple]:
+    """(kept heads, their q rows, KV rows or None, kept heads per KV head) for this forward, or
+    None where the attention computes densely; outside torch.compile's graphs, as
+    :func:`_mlp_selection`."""
+    slot: _LayerSlot = self._sat
+    owner = slot.owner
+    if not self.training or owner.attn_rate == 0.0:
+        return None
+    if not _in_backward() or slot.last is None:
+        with torch.no_grad(), owner._clock.measure(hidden_states.device):
+            q_heads, kv_heads, per_kv = _select_heads(self, hidden_states)
+            kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
+            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, per_kv)
+    return slot.last
+
+
 def _attention_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -357,17 +391,12 @@ def _attention_forward(
     attention_mask: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    slot: _LayerSlot = self._sat
-    owner = slot.owner
-    if not self.training or owner.attn_rate == 0.0:
+    selected = _attention_selection(self, hidden_states)
+    if selected is None:
         return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
     kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # training: no KV cache is kept
-    if not _in_backward() or slot.last is None:
-        with torch.no_grad(), owner._clock.measure(hidden_states.device):
-            q_heads, kv_heads, per_kv = _select_heads(self, hidden_states)
-            kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
-            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, per_kv)
-    _, q_rows, kv_rows, per_kv = slot.last
+    _, q_rows, kv_rows, per_kv = selected
+    owner = self._sat.owner
     batch, length, _ = hidden_states.shape
     d = self.head_dim
     q, k, v = (_project(proj, hidden_states, rows, owner.regather) for proj, rows in

@@ -126,6 +126,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer in place (as torchtitan does, before FSDP2 wraps it):
+    one compiled graph serves every layer of the same shapes. Returns the layers compiled."""
+    layers = list(getattr(getattr(model, "model", model), "layers", []))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in backward (non-reentrant checkpointing)."""
     kwargs = {"use_reentrant": False}

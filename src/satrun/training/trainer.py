@@ -240,6 +240,8 @@ def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.
     model.train()
     if trainer.activation_checkpointing:
         runtime.enable_activation_checkpointing(model)
+    if trainer.compile:
+        runtime.compile_layers(model)
     blocks = list(getattr(getattr(model, "model", model), "layers", []))
     objective = distributed.wrap(CausalLMObjective(model, batch_hooks), blocks, trainer.strategy, world, device, dtype)
     distributed.materialize(model, device, fill)
