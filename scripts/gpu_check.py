@@ -286,7 +286,7 @@ def check_bench(size: dict, device: torch.device, dtype: torch.dtype, out_dir: P
         folder = out_dir / f"bench-{name.replace(', ', '-')}"
         sizes = ([f"model.hidden_size={size['hidden']}", f"model.intermediate_size={size['intermediate']}",
                   f"model.num_heads={size['heads']}", f"model.num_kv_heads={size['heads']}", "model.num_layers=2"]
-                 if smoke else ["model=llama2-7b", "model.source=random", "model.num_layers=4", "model.vocab_size=null"])
+                 if smoke else ["model=llama2-7b", "model.num_layers=4", "model.vocab_size=null"])
         command = [sys.executable, "-m", "satrun", "bench", *sizes, "model.source=random", f"trainer.device={device.type}",
                    f"trainer.precision={'bf16' if dtype == torch.bfloat16 else 'fp32'}",
                    f"trainer.seq_len={64 if smoke else 2048}", f"trainer.micro_batch_size={1 if smoke else 4}",

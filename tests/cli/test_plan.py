@@ -116,3 +116,14 @@ def test_sft_plan_measures_the_token_split_of_the_data(satrun, tmp_path: Path) -
     assert stage["ideal_speedup"] < every  # less than if every token were sparse
     flops = plan["train_flops"]
     assert flops["sat"] == pytest.approx(flops["dense"] * plan["run_flop_fraction"])
+
+
+def test_plan_warns_where_per_weight_work_dominates_a_gpu_step(satrun, tmp_path: Path) -> None:
+    """At 1,024 tokens per micro-batch half of a 7B GPU step is per-weight work SAT does not
+    shrink; at 8,192 it is a ninth, and the plan says nothing."""
+    short = satrun("plan", "model=llama2-7b", "hydra.run.dir=short")
+    long = satrun("plan", "model=llama2-7b", "trainer.seq_len=2048", "hydra.run.dir=long")
+    assert short.returncode == 0 and long.returncode == 0, short.stderr + long.stderr
+    assert "work per weight" in " ".join(short.stdout.split()) and "work per weight" not in " ".join(long.stdout.split())
+    shares = [json.loads((tmp_path / d / "plan.json").read_text())["per_weight_share"] for d in ("short", "long")]
+    assert 0.4 < shares[0] < 0.6 and shares[1] < 0.15
