@@ -85,6 +85,12 @@ class Phases:
         return result
 
 
+def write_result(result: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"written to {out}")
+
+
 def _model_config(folder: Path):  # type: ignore[no-untyped-def]
     from satrun.config import ModelConfig
 
@@ -230,9 +236,7 @@ def main() -> None:
             print(f"{phase:10} {single[phase] / 2**30:10.2f} " + " ".join(f"{b / 2**30:8.2f}" for b in ranks)
                   + f"   {max(ranks) / single[phase]:.2f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"written to {args.out}")
+        write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fsdp_memory import Phases, _status_kib  # noqa: E402  (the same sampling of peaks)
+from fsdp_memory import Phases, _status_kib, write_result  # noqa: E402  (the same sampling of peaks)
 
 WIDTH = {"hidden_size": 4096, "intermediate_size": 11008, "num_heads": 32, "num_kv_heads": 32, "vocab_size": 32000}
 QUICK = {"hidden_size": 256, "intermediate_size": 688, "num_heads": 2, "num_kv_heads": 2, "vocab_size": 32000}
@@ -157,9 +157,7 @@ def main() -> None:
         eight = _planned(width, target, strategy, plan_ranks, args)
         result["strategies"][strategy] = {"ranks_measured": ranks, "per_layers": rows, "plan_32_layers": eight}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"written to {args.out}")
+        write_result(result, args.out)
 
 
 if __name__ == "__main__":
