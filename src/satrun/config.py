@@ -39,6 +39,19 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 | flex_attention; null: transformers' default (sdpa)
 
 @dataclass
+class AdapterConfig:
+    """Parameter-efficient fine-tuning: none (every weight trains) or lora (peft's LoRA: the
+    base weights stay frozen and bit-identical, only the adapters train)."""
+
+    name: str = "none"  # none | lora
+    r: int = 16  # lora: rank of each adapter
+    alpha: float = 32.0  # lora: scaling numerator (the update is alpha / r * B A)
+    dropout: float = 0.0  # lora: dropout on each adapter's input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])  # lora: the projections adapted (Llama-family names)
+
+
+@dataclass
 class DataConfig:
     """Where the training text comes from.
 
@@ -143,6 +156,7 @@ class GenerateConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mode: ModeConfig = field(default_factory=ModeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -162,6 +176,7 @@ class TrainConfig:
 
 _CHOICES = {
     "model.source": ("packaged", "pretrained", "random"),
+    "adapter.name": ("none", "lora"),
     "data.format": ("bible", "chatterbot", "text", "jsonl", "parquet", "hub"),
     "data.sample_by": ("document", "paragraph", "line"),
     "mode.name": ("cpt", "sft"),
@@ -228,6 +243,10 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{key} must be non-negative, got {value}")
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise UsageError(f"trainer.peak_flops must be positive (FLOP/s), got {t.peak_flops}")
+    a = cfg.adapter
+    if a.name == "lora" and (a.r < 1 or a.alpha <= 0 or not 0.0 <= a.dropout < 1.0 or not a.target_modules):
+        raise UsageError("adapter.r must be at least 1, adapter.alpha positive, adapter.dropout in [0, 1) and "
+                         "adapter.target_modules not empty")
     if not 0 <= t.seed < 2**32:  # transformers.set_seed seeds NumPy, which takes no other seed
         raise UsageError(f"trainer.seed must be in [0, 2**32), got {t.seed}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -296,6 +315,7 @@ _IGNORED = {
     ("metric", "magnitude"): ("token_stride",),
     ("metric", "wanda"): ("token_stride",),
     ("launcher", "none"): ("nproc_per_node",),
+    ("adapter", "none"): ("r", "alpha", "dropout", "target_modules"),
     ("scheduler", "constant"): ("sparse_fraction", "ladder_steps", "dense_fraction"),
     ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale",
                              "tokens"),

@@ -18,6 +18,8 @@ from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_ch
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
+from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, is_adapted, load_adapters, save_adapters,
+                                    save_base, save_merged, weights_source)
 from satrun.perf.bench import print_bench, run_bench
 from satrun.perf import probe
 from satrun.perf.flops import Shape, ideal_speedup, step_flops
@@ -64,8 +66,14 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
             _check_unchanged(resume, settings)
     random_here = cfg.model.source == "random" and resume is None and world.main  # broadcast from here
     tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
+    if cfg.adapter.name != "none" and sharded:
+        raise UsageError(f"adapter={cfg.adapter.name} under trainer.strategy=fsdp is not built yet; "
+                         "use one process or trainer.strategy=ddp")
+    model = add_adapters(model, cfg.adapter, weights_source(cfg.model, run_dir))
     display.message(
-        f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; "
+        f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+        + (f" ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M of them LoRA adapters, "
+           f"r={cfg.adapter.r}, the rest frozen)" if is_adapted(model) else "") + "; "
         f"data {cfg.data.name} ({cfg.mode.name}): {corpus.describe(cfg.trainer.seq_len)}"
     )
     fill = _weight_source(cfg, model, resume, sharded)
@@ -81,11 +89,23 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
     samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
 
-    def write_model(folder: Path) -> Path:
-        return write_hf_folder(model, tokenizer, folder)
+    def write_model(folder: Path) -> None:  # checkpoints: with adapters, only they (the base is the model's own)
+        if is_adapted(model):
+            save_adapters(model, folder / ADAPTER_FOLDER)
+        else:
+            write_hf_folder(model, tokenizer, folder)
+
+    def write_final(folder: Path) -> None:  # with adapters: the merged model, the adapters, a random base
+        if not is_adapted(model):
+            write_hf_folder(model, tokenizer, folder)
+            return
+        save_merged(model, tokenizer, folder)
+        save_adapters(model, folder / ADAPTER_FOLDER)
+        if cfg.model.source == "random":
+            save_base(model, tokenizer, folder / BASE_FOLDER)
 
     try:
-        summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model,
+        summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model, save_final=write_final,
                         hooks=[samples, sparsity] if samples else [sparsity], resume=resume, logger=logger, fill=fill,
                         settings=settings, launched=started, batch_hooks=token_rows_hooks(sparsity.sparsifier),
                         flops=StepFlopCounter(cfg, model, sparsity))
@@ -171,6 +191,7 @@ def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
               "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name,
               "data.packing": cfg.data.packing}
     shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
+    shaped.update({f"adapter.{k}": v for k, v in asdict(cfg.adapter).items()})  # the checkpoint's weights are these
     unread = unread_keys("scheduler", cfg.scheduler.name)  # e.g. a checkpoint of an older calibration's dense run
     shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items() if k not in unread})
     return shaped
@@ -452,6 +473,8 @@ def _weight_source(cfg: TrainConfig, model: PreTrainedModel, resume: dict[str, A
     have them). A resumed run reads its checkpoint (sharded checkpoints: the trainer restores
     them with the optimizer); an FSDP2 start has each rank read its own shards of the
     pre-trained weights, or, for a random model, take them from the first rank, which built it."""
+    if resume is not None and is_adapted(model):  # the base is loaded; the adapters come from the checkpoint
+        return lambda m: load_adapters(m, Path(resume["folder"]) / ADAPTER_FOLDER)
     if resume is not None:
         return None if resume["sharded"] else (lambda m: load_weights(m, Path(resume["folder"])))
     if not sharded:
@@ -468,6 +491,10 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     stages = build_stages(cfg.scheduler, cfg.trainer.max_steps)
     if all(stage.dense for stage in stages):
         return ScheduledSparsity(stages, None)
+    if is_adapted(model):  # the sparse path reads the base weights alone: it would skip the adapters
+        raise UsageError(f"scheduler={cfg.scheduler.name} with adapter={cfg.adapter.name}: SAT's sparse path does not "
+                         "compute the adapters' branches yet and would train without them on sparse steps; "
+                         "use scheduler=dense")
     try:
         sharded = distributed.sharded_start(cfg.trainer.strategy, distributed.current())  # FSDP2
         sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed,

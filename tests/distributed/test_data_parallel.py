@@ -25,7 +25,8 @@ SCHEDULERS = {"dense": ["scheduler=dense"],
               # a rank's share than from the whole batch, and a near-tie of scores summed in another order
               # can flip a channel)
               "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0",
-                          "metric=random", "selector.fill=zero"]}
+                          "metric=random", "selector.fill=zero"],
+              "lora": ["scheduler=dense", "adapter=lora", "adapter.r=4", "optim.lr=1e-2"]}
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -63,7 +64,7 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat"),
-                                                ("ddp", "sft-sat")])
+                                                ("ddp", "sft-sat"), ("ddp", "lora")])
 def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
     result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
                       tmp_path)

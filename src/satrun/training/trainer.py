@@ -148,6 +148,7 @@ def train(
     launched: Optional[float] = None,
     batch_hooks: Sequence[BatchHook] = (),
     flops: Optional[StepFlops] = None,
+    save_final: Optional[Callable[[Path], Any]] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
@@ -156,7 +157,8 @@ def train(
     start in which each rank fills only its shards). Every ``trainer.save_every`` steps, and
     when SIGINT or SIGTERM arrives, a checkpoint goes to ``run_dir/checkpoints/step_N``:
     ``save_model(folder)`` writes the (unsharded) model into it, the loop adds its own state;
-    at the end ``save_model`` writes ``run_dir/final`` (:meth:`Run.write_final`). ``resume`` is such a checkpoint's training state
+    at the end ``save_model`` (or ``save_final``, where the final folder holds more, e.g.
+    adapters and the merged model) writes ``run_dir/final`` (:meth:`Run.write_final`). ``resume`` is such a checkpoint's training state
     (:func:`checkpoint.load_state`; the caller has loaded unsharded weights): the run continues
     exactly where it stopped. Each hook is called before every step with the step number; the
     fields it returns go into the train records, and a ``stage`` field groups the steps for the
@@ -184,7 +186,7 @@ def train(
     run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
               runtime.autocast(device, dtype), device, world.size, save_model, settings or {},
               launched if launched is not None else time.perf_counter(),
-              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype))
+              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype), save_final=save_final or save_model)
     if resume is not None:
         run.restore(resume)
     state = run.state
@@ -269,6 +271,7 @@ class Run:
     settings: dict[str, Any]
     launched: float
     peak_flops: Optional[float] = None  # per device: records and the summary then carry the model FLOP utilisation
+    save_final: Optional[Callable[[Path], Any]] = None  # writes final/ (default: save_model)
     state: RunState = field(default_factory=RunState)
     interval: Interval = field(init=False)
     last_checkpoint: Optional[Path] = None
@@ -402,11 +405,11 @@ class Run:
         one-process run, the last step is checkpointed first (where it is not yet), so no
         training is lost; on a full disk that may fail too, and the one line then says what was
         kept. (Under several ranks the failure may be one rank's alone: no collective follows.)"""
-        if self.save_model is None:
+        if self.save_final is None:
             return
         try:
             with staged_folder(self.run_dir / "final") as staging:
-                self.save_model(staging)
+                self.save_final(staging)
         except Exception as exc:
             last = f"step_{self.state.step}"
             kept = _newest(self.run_dir)
