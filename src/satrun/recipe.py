@@ -491,10 +491,6 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     stages = build_stages(cfg.scheduler, cfg.trainer.max_steps)
     if all(stage.dense for stage in stages):
         return ScheduledSparsity(stages, None)
-    if is_adapted(model):  # the sparse path reads the base weights alone: it would skip the adapters
-        raise UsageError(f"scheduler={cfg.scheduler.name} with adapter={cfg.adapter.name}: SAT's sparse path does not "
-                         "compute the adapters' branches yet and would train without them on sparse steps; "
-                         "use scheduler=dense")
     try:
         sharded = distributed.sharded_start(cfg.trainer.strategy, distributed.current())  # FSDP2
         sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed,

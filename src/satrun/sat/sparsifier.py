@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
@@ -238,6 +239,8 @@ def _data_parallel() -> bool:
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    if hasattr(model, "get_base_model"):  # a peft model: the transformers model it adapts
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
@@ -260,8 +263,54 @@ def _check_layer(layer: torch.nn.Module, index: int) -> None:
         )
     probe = torch.linspace(-4, 4, 17)
     is_silu = torch.allclose(mlp.act_fn(probe), torch.nn.functional.silu(probe))
-    if not is_silu or mlp.gate_proj.bias is not None:
+    if not is_silu or _base(mlp.gate_proj).bias is not None:
         raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        _lora_of(getattr(attn, name), f"layer {index} self_attn.{name}")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        _lora_of(getattr(mlp, name), f"layer {index} mlp.{name}")
+
+
+# --- LoRA adapters (peft) on the projections ----------------------------------------------------
+
+
+def _base(linear: torch.nn.Module) -> torch.nn.Module:
+    """The projection's own linear layer: itself, or the base layer a peft adapter wraps."""
+    return getattr(linear, "base_layer", linear)
+
+
+def _lora_of(linear: torch.nn.Module, where: str = "") -> Optional[tuple[torch.Tensor, torch.Tensor, float, Any]]:
+    """(A, B, scaling, dropout) of a peft LoRA projection, or None for a plain one. An adapter
+    layout the sparse path does not compute exactly (several active adapters, merged weights,
+    DoRA, adapter biases, other adapter kinds) is an error, not a silent fallback."""
+    if not hasattr(linear, "base_layer"):
+        return None
+    active = list(getattr(linear, "active_adapters", []))
+    if not hasattr(linear, "lora_A") or len(active) != 1 or active[0] not in linear.lora_A:
+        raise UnsupportedModel(f"{where}: SAT computes one active LoRA adapter per projection ({type(linear).__name__}, "
+                               f"active {active})")
+    name = active[0]
+    if linear.merged or linear.use_dora.get(name) or (getattr(linear, "lora_bias", {}) or {}).get(name) \
+            or linear.lora_B[name].bias is not None:
+        raise UnsupportedModel(f"{where}: SAT computes plain LoRA adapters (not merged, no DoRA, no adapter bias)")
+    return linear.lora_A[name].weight, linear.lora_B[name].weight, float(linear.scaling[name]), linear.lora_dropout[name]
+
+
+def _sparse_linear(linear: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, regather: bool) -> torch.Tensor:
+    """The projection restricted to output rows ``idx`` (dim 0) or to input columns ``idx`` (dim
+    1, ``x`` holding only those features), its LoRA branch restricted alike: the kept rows of B,
+    or the kept columns of A. The base weight's slice gets no gradient when it is frozen."""
+    base = _base(linear)
+    y = gathered_linear(x, base.weight, base.bias, idx, dim, regather)
+    lora = _lora_of(linear)
+    if lora is None:
+        return y
+    a, b, scale, dropout = lora
+    if dim == 0:
+        branch = F.linear(F.linear(dropout(x), a), b.index_select(0, idx))
+    else:
+        branch = F.linear(F.linear(dropout(x), a.index_select(1, idx)), b)
+    return y + scale * branch.to(y.dtype)
 
 
 # --- patched forwards: ``self`` is the model's own MLP / attention module ----------------------
@@ -273,12 +322,36 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     kept, fill_out, rows = selected
     owner = self._sat.owner
+    if any(_lora_of(p) is not None for p in (self.gate_proj, self.up_proj, self.down_proj)):
+        return _adapted_mlp(self, x, kept, fill_out, rows)
     weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
     if rows is None:
         out = sparse_swiglu(x, *weights, kept, owner.regather)
         return out if fill_out is None else out + fill_out.to(out.dtype)
     out = token_split_swiglu(x.reshape(-1, x.shape[-1]), *weights, kept, *rows, fill_out,  # rows with a loss: every channel
                              owner.regather)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _adapted_mlp(self: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor, fill_out: Optional[torch.Tensor],
+                 rows: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The MLP with LoRA projections on the kept channels (each adapter restricted alike), by
+    autograd through the sliced products; under the token split the rows with a loss go through
+    the whole adapted MLP."""
+    regather = self._sat.owner.regather
+
+    def sparse(xs: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(_sparse_linear(self.gate_proj, xs, kept, 0, regather)) * _sparse_linear(self.up_proj, xs, kept, 0, regather)
+        out = _sparse_linear(self.down_proj, hidden, kept, 1, regather)
+        return out if fill_out is None else out + fill_out.to(out.dtype)
+
+    if rows is None:
+        return sparse(x)
+    flat = x.reshape(-1, x.shape[-1])
+    dense_out = type(self).forward(self, flat.index_select(0, rows[0]))
+    sparse_out = sparse(flat.index_select(0, rows[1]))
+    out = dense_out.new_empty(flat.shape[0], dense_out.shape[-1])
+    out = out.index_copy(0, rows[0], dense_out).index_copy(0, rows[1], sparse_out.to(dense_out.dtype))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -313,11 +386,12 @@ def _mlp_selection(self: torch.nn.Module, x: torch.Tensor) -> Optional[tuple]:
                 scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
-            slot.last = (kept, _omitted_mean_output(mean, w_down, kept) if fill else None, rows)
+            slot.last = (kept, _omitted_mean_output(mean, w_down, kept, _lora_of(self.down_proj)) if fill else None, rows)
     return slot.last
 
 
-def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor,
+                         lora: Optional[tuple] = None) -> torch.Tensor:
     """What the omitted channels add to the layer's output on average over the scored tokens
     (``mean``: every channel's mean activation over them, all ranks'):
     W_down[:, omitted] @ mean[omitted], one matrix-vector product with the kept channels'
@@ -326,7 +400,12 @@ def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.T
     and autocast would keep that copy of every layer's weight to the end of the forward (about
     2.9 GB at Llama-2-7B); reading the fp32 weight once for a matrix-vector product costs little."""
     with torch.autocast(w_down.device.type, enabled=False):
-        return w_down @ mean.index_fill_(0, kept, 0.0).to(w_down.dtype)
+        omitted = mean.index_fill_(0, kept, 0.0).to(w_down.dtype)
+        out = w_down @ omitted
+        if lora is not None:  # the adapted down projection: W + s B A
+            a, b, scale, _ = lora
+            out = out + scale * (b @ (a @ omitted.to(a.dtype))).to(out.dtype)
+        return out
 
 
 def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
@@ -364,7 +443,7 @@ def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tensor], regather: bool) -> torch.Tensor:
     """The projection's output rows ``rows``, or all of them (None, through the module itself)."""
-    return linear(x) if rows is None else gathered_linear(x, linear.weight, linear.bias, rows, 0, regather)
+    return linear(x) if rows is None else _sparse_linear(linear, x, rows, 0, regather)
 
 
 @torch.compiler.disable
@@ -416,4 +495,4 @@ def _attention_forward(
         view, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **extra, **kwargs
     )
     out = out.reshape(batch, length, -1).contiguous()
-    return gathered_linear(out, self.o_proj.weight, self.o_proj.bias, q_rows, 1, owner.regather), weights
+    return _sparse_linear(self.o_proj, out, q_rows, 1, owner.regather), weights
