@@ -38,6 +38,9 @@ class ModelConfig:
     tie_word_embeddings: bool = True  # the LM head shares the input embedding's weights
     attn_implementation: Optional[str] = None  # eager | sdpa | flash_attention_2 | flex_attention; null: transformers' default (sdpa)
 
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class AdapterConfig:
     """Parameter-efficient fine-tuning: none (every weight trains) or lora (peft's LoRA: the
@@ -47,8 +50,7 @@ class AdapterConfig:
     r: int = 16  # lora: rank of each adapter
     alpha: float = 32.0  # lora: scaling numerator (the update is alpha / r * B A)
     dropout: float = 0.0  # lora: dropout on each adapter's input
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                               "up_proj", "down_proj"])  # lora: the projections adapted (Llama-family names)
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))  # lora: the projections adapted (Llama-family names)
 
 
 @dataclass
