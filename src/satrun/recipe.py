@@ -261,7 +261,7 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     align = cfg.selector.align_on("cpu" if t.device == "cpu" else "cuda")  # likewise
     split = _token_split(cfg) if cfg.mode.name == "sft" else None
     try:
-        plan = build_plan(shape_of(cfg.model), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
+        plan = build_plan(_adapted_shape(cfg, shape_of(cfg.model)), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
                           precision, align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
                           split, sparse_tokens(cfg), t.grad_accum, t.activation_checkpointing)
     except ScheduleError as exc:
@@ -290,6 +290,7 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Dense and SAT training steps timed side by side on real batches; writes bench.json. In
     SFT with packing the first row is the dense step on the same chats unpacked, head everywhere."""
     t = cfg.trainer
+    _refuse_adapters(cfg, "bench")
     packed_sft = cfg.mode.name == "sft" and cfg.data.packing
     _, model, corpus = load_inputs(replace(cfg, data=replace(cfg.data, packing=False)) if packed_sft else cfg)
     device = runtime.resolve_device(t.device)
@@ -325,6 +326,7 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     """Sub-network losses, layer sensitivities and (with a target) calibrated per-layer rates;
     writes probe.json, probe.png and conf/scheduler/calibrated.yaml."""
     t, p = cfg.trainer, cfg.probe
+    _refuse_adapters(cfg, "probe")
     if p.target_speedup is not None and cfg.scheduler.name == "dense":
         raise UsageError("probe.target_speedup calibrates a sparse schedule: choose scheduler=ladder or constant")
     _, model, corpus = load_inputs(cfg)
@@ -510,12 +512,23 @@ def token_rows_hooks(sparsifier: Sparsifier | None) -> list[Callable[[dict], Non
     return [lambda batch: sparsifier.set_token_rows(*token_rows(batch))]
 
 
+def _refuse_adapters(cfg: TrainConfig, command: str) -> None:
+    if cfg.adapter.name != "none":
+        raise UsageError(f"satrun {command} does not know adapters yet (adapter={cfg.adapter.name}): it would measure "
+                         "full fine-tuning; leave adapter out (satrun plan counts LoRA)")
+
+
+def _adapted_shape(cfg: TrainConfig, shape: Shape) -> Shape:
+    """The shape with the run's LoRA rank (the FLOP and memory models then count a frozen base)."""
+    return replace(shape, lora_rank=cfg.adapter.r) if cfg.adapter.name == "lora" else shape
+
+
 class StepFlopCounter:
     """A step's training FLOPs from the FLOP model: each micro-batch's real token counts
     (labelled, unlabelled, padding) at the current stage's rates (``trainer.train``'s ``flops``)."""
 
     def __init__(self, cfg: TrainConfig, model: PreTrainedModel, sparsity: ScheduledSparsity) -> None:
-        self.shape, self.sparsity = Shape.from_config(model.config), sparsity
+        self.shape, self.sparsity = _adapted_shape(cfg, Shape.from_config(model.config)), sparsity
         self.align = cfg.selector.align_on(runtime.resolve_device(cfg.trainer.device).type)
         self.layers, self.tokens = cfg.scheduler.layers, sparse_tokens(cfg)
 

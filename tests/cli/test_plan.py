@@ -127,3 +127,17 @@ def test_plan_warns_where_per_weight_work_dominates_a_gpu_step(satrun, tmp_path:
     assert "work per weight" in " ".join(short.stdout.split()) and "work per weight" not in " ".join(long.stdout.split())
     shares = [json.loads((tmp_path / d / "plan.json").read_text())["per_weight_share"] for d in ("short", "long")]
     assert 0.4 < shares[0] < 0.6 and shares[1] < 0.15
+
+
+def test_plan_counts_lora_memory_and_flops(satrun, tmp_path: Path) -> None:
+    """adapter=lora: gradients and AdamW state for the adapters only; fewer training FLOPs."""
+    full = satrun("plan", "model=llama2-7b", "scheduler=dense", "hydra.run.dir=full")
+    lora = satrun("plan", "model=llama2-7b", "scheduler=dense", "adapter=lora", "hydra.run.dir=lora")
+    assert full.returncode == 0 and lora.returncode == 0, lora.stderr
+    f, l = (json.loads((tmp_path / d / "plan.json").read_text()) for d in ("full", "lora"))
+    adapters, mem = l["adapter_parameters"], l["memory_per_rank_bytes"]
+    assert 39e6 < adapters < 41e6  # r=16 on every projection of Llama-2-7B
+    assert (mem["gradients"], mem["optimizer"]) == (4 * adapters, 8 * adapters)
+    assert mem["peak"] < 80 * 2**30 < f["memory_per_rank_bytes"]["peak"]  # fits one 80 GB GPU; full fine-tuning does not
+    assert 0.6 < l["dense_flops_per_token"]["train"] / f["dense_flops_per_token"]["train"] < 0.75
+    assert "LoRA rank 16" in " ".join(lora.stdout.split())

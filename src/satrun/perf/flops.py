@@ -10,6 +10,11 @@ sees s/2 keys on average):
     MLP                   6 h i                     scales with the kept channels
     LM head               2 h V                     once per token, never omitted
 
+With LoRA (``Shape.lora_rank``) the base weights are frozen: their products have no weight
+gradient, so they cost twice their forward, not three times; the rank-r adapters on every
+projection add 2 r (in + out) per projection and token, restricted to the kept neurons, at three
+times; the attention core keeps its three.
+
 Kept fractions are the exact ones SAT uses (``kept_count``, with ``selector.align``): heads
 k/n_q, channels k/i, layer by layer (a rate per layer, or one rate on the sparsified layers and
 none elsewhere). Under multi-head attention the KV heads follow the kept heads; under
@@ -34,6 +39,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool = False  # the LM head shares the input embedding (one matrix, counted once)
+    lora_rank: int = 0  # LoRA adapters of this rank on every projection, the base frozen (0: full fine-tuning)
 
     @classmethod
     def from_config(cls, config: Any) -> "Shape":
@@ -60,18 +66,29 @@ class TokenFlops:
     attn_core: float
     mlp: float
     lm_head: float
+    adapters: float = 0.0  # LoRA branches
+    frozen: bool = False  # the base weights get no gradient (LoRA)
 
     @property
     def forward(self) -> float:
-        return self.attn_proj + self.attn_core + self.mlp + self.lm_head
+        return self.attn_proj + self.attn_core + self.mlp + self.lm_head + self.adapters
 
     @property
     def train(self) -> float:
-        """Forward plus backward (twice the forward)."""
-        return 3.0 * self.forward
+        """Forward plus backward: twice the forward; with frozen base weights their products
+        need the input gradient only (once more their forward)."""
+        if not self.frozen:
+            return 3.0 * self.forward
+        return 3.0 * (self.attn_core + self.adapters) + 2.0 * (self.attn_proj + self.mlp + self.lm_head)
+
+    @property
+    def head_train(self) -> float:
+        """The LM head's part of :attr:`train`."""
+        return (2.0 if self.frozen else 3.0) * self.lm_head
 
     def as_dict(self) -> dict[str, float]:
-        return {**asdict(self), "forward": self.forward, "backward": 2.0 * self.forward, "train": self.train}
+        parts = {k: v for k, v in asdict(self).items() if k != "frozen"}
+        return {**parts, "forward": self.forward, "backward": self.train - self.forward, "train": self.train}
 
 
 Rates = Union[float, Sequence[float]]
@@ -94,15 +111,19 @@ def token_flops(
     ``layers`` (None: all), or a sequence of one rate per layer."""
     h, d = shape.hidden, shape.head_dim
     q_width, kv_width = shape.heads * d, shape.kv_heads * d
-    proj = core = mlp = 0.0
+    proj = core = mlp = adapters = 0.0
+    r, i = shape.lora_rank, shape.intermediate
     for mlp_r, attn_r in zip(_per_layer(mlp_rate, shape.layers, layers), _per_layer(attn_rate, shape.layers, layers)):
-        mlp_keep = kept_count(shape.intermediate, mlp_r, align) / shape.intermediate if mlp_r else 1.0
+        mlp_keep = kept_count(i, mlp_r, align) / i if mlp_r else 1.0
         head_keep = kept_heads(shape.heads, shape.kv_heads, attn_r) / shape.heads if attn_r else 1.0
         kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
         proj += 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
         core += 4 * q_width * (seq_len / 2) * head_keep
-        mlp += 6 * h * shape.intermediate * mlp_keep
-    return TokenFlops(attn_proj=proj, attn_core=core, mlp=mlp, lm_head=2 * h * shape.vocab)
+        mlp += 6 * h * i * mlp_keep
+        # q, o; k, v; gate, up, down: 2 r (in + out) each, the kept side restricted
+        adapters += 2 * r * (2 * (h + q_width * head_keep) + 2 * (h + kv_width * kv_keep) + 3 * (h + i * mlp_keep))
+    return TokenFlops(attn_proj=proj, attn_core=core, mlp=mlp, lm_head=2 * h * shape.vocab, adapters=adapters,
+                      frozen=r > 0)
 
 
 def ideal_speedup(
@@ -128,7 +149,7 @@ def step_flops(
     labelled, unlabelled, padding = counts
     dense = token_flops(shape, seq_len)
     sparse = token_flops(shape, seq_len, mlp_rate, attn_rate, align, layers)
-    decoder = {f: f.attn_proj + f.attn_core + f.mlp for f in (dense, sparse)}
+    decoder = {f: f.train - f.head_train for f in (dense, sparse)}  # training FLOPs per token, LM head aside
     sparse_n = labelled + unlabelled + padding if tokens == "all" else unlabelled + padding
     dense_n = labelled + unlabelled + padding - sparse_n
-    return 3.0 * (dense_n * decoder[dense] + sparse_n * decoder[sparse] + labelled * dense.lm_head)
+    return dense_n * decoder[dense] + sparse_n * decoder[sparse] + labelled * dense.head_train

@@ -65,6 +65,12 @@ def linear_parameters(shape: Shape) -> int:
     return shape.layers * (layer_parameters(shape) - 2 * shape.hidden) + shape.vocab * shape.hidden
 
 
+def adapter_parameters(shape: Shape) -> int:
+    """LoRA parameters (``shape.lora_rank`` on every projection): r (in + out) each."""
+    h, i, q, kv = shape.hidden, shape.intermediate, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return shape.layers * shape.lora_rank * (2 * (h + q) + 2 * (h + kv) + 3 * (h + i))
+
+
 def layer_parameters(shape: Shape) -> int:
     """Parameters of one decoder layer."""
     h, d = shape.hidden, shape.head_dim
@@ -75,7 +81,8 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int,
                     mlp_keep: float = 1.0, head_keep: float = 1.0, checkpointing: bool = False) -> dict[str, float]:
     """Bytes each rank holds, and its peak during a step of micro-batches of ``tokens`` positions.
 
-    Always: fp32 weights, gradients and AdamW's two moments (under FSDP2 this rank's shards).
+    Always: fp32 weights, gradients and AdamW's two moments (under FSDP2 this rank's shards);
+    with LoRA (``shape.lora_rank``) gradients and moments of the adapters only.
     One process and DDP under bf16: autocast's bf16 copy of every matrix, kept for backward
     (``autocast_copies``). DDP's gradients are views of its communication buckets, which it
     allocates once and keeps: the gradients' memory never goes away between steps. FSDP2:
@@ -93,6 +100,8 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int,
     ``host_start_up``: host memory of the weights while the model is built (FSDP2 starts from
     the meta device and reads only its shards; otherwise each rank loads the whole model)."""
     n = parameters(shape)
+    trained = adapter_parameters(shape) if shape.lora_rank else n  # LoRA: the frozen base has no gradient, no moments
+    n += adapter_parameters(shape)
     shards = ranks if strategy == "fsdp" and ranks > 1 else 1
     layer = layer_parameters(shape)
     root = n - shape.layers * layer
@@ -101,7 +110,8 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int,
     # autocast's cache keeps every copy to the end of the forward, checkpointed layers' too
     copies = 2 * linear_parameters(shape) if compute_bytes == 2 and not sharded else 0.0
     acts = activation_bytes(shape, tokens, compute_bytes, mlp_keep, head_keep, checkpointing)
-    own = {"weights": 4 * n / shards, "gradients": 4 * n / shards, "optimizer": 8 * n / shards, "gathered": gathered}
+    own = {"weights": 4 * n / shards, "gradients": 4 * trained / shards, "optimizer": 8 * trained / shards,
+           "gathered": gathered}
     peak = sum(own.values()) + copies + acts
     return {**own, "model_total": sum(own.values()), "autocast_copies": copies, "activations": acts, "peak": peak,
             "host_start_up": 4 * n / shards}
@@ -163,6 +173,7 @@ def build_plan(
     return {
         "shape": asdict(shape),
         "parameters": n_params,
+        "adapter_parameters": adapter_parameters(shape),
         "per_weight_share": per_weight_share(n_params, tokens),
         "seq_len": seq_len,
         "micro_batch_size": micro_batch,
@@ -243,6 +254,10 @@ def print_plan(plan: dict[str, Any]) -> None:
         ranks.add_row(key.replace("_", " "), f"{per_rank[key] / gib:.2f}")
     ranks.add_row("peak during a step (dense; first SAT stage)", f"{per_rank['peak'] / gib:.2f}; {first['peak'] / gib:.2f}")
     console.print(ranks)
+    if plan["adapter_parameters"]:
+        console.print(f"LoRA rank {plan['shape']['lora_rank']}: {plan['adapter_parameters'] / 1e6:.1f}M adapter parameters "
+                      "train (gradients and AdamW state for them only); the base is frozen, its products have no "
+                      "weight gradient")
     share = plan["per_weight_share"]
     if share > 0.2 and plan["parameters"] >= 1e9:  # a model trained on GPUs
         tokens = plan["seq_len"] * plan["micro_batch_size"]
