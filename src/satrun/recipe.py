@@ -290,9 +290,9 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Dense and SAT training steps timed side by side on real batches; writes bench.json. In
     SFT with packing the first row is the dense step on the same chats unpacked, head everywhere."""
     t = cfg.trainer
-    _refuse_adapters(cfg, "bench")
     packed_sft = cfg.mode.name == "sft" and cfg.data.packing
     _, model, corpus = load_inputs(replace(cfg, data=replace(cfg.data, packing=False)) if packed_sft else cfg)
+    model = add_adapters(model, cfg.adapter, None)  # every row then trains the adapters alone
     device = runtime.resolve_device(t.device)
     model.to(device)
     if t.activation_checkpointing:
@@ -309,7 +309,7 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     dtype = runtime.resolve_precision(t.precision, device)
     amp = runtime.autocast(device, dtype)
     rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
-                     Shape.from_config(model.config), device, amp, cfg.optim.grad_clip,
+                     _adapted_shape(cfg, Shape.from_config(model.config)), device, amp, cfg.optim.grad_clip,
                      t.peak_flops or runtime.peak_flops(device, dtype),
                      _first_stage_layer_rates(cfg), _attn_rate(cfg),
                      padded_batches=batches_of(corpus.train) if packed_sft else None)
@@ -515,7 +515,7 @@ def token_rows_hooks(sparsifier: Sparsifier | None) -> list[Callable[[dict], Non
 def _refuse_adapters(cfg: TrainConfig, command: str) -> None:
     if cfg.adapter.name != "none":
         raise UsageError(f"satrun {command} does not know adapters yet (adapter={cfg.adapter.name}): it would measure "
-                         "full fine-tuning; leave adapter out (satrun plan counts LoRA)")
+                         "full fine-tuning; leave adapter out (satrun plan and satrun bench count LoRA)")
 
 
 def _adapted_shape(cfg: TrainConfig, shape: Shape) -> Shape:
