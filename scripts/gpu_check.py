@@ -248,7 +248,11 @@ def check_determinism(size: dict, device: torch.device, dtype: torch.dtype) -> d
 def check_fsdp(size: dict, device: torch.device, dtype: torch.dtype) -> dict:
     import torch.distributed as dist
 
-    from satrun.training import distributed
+    from satrun.config import OptimConfig
+    from satrun.training import distributed, runtime
+    from satrun.training.loss import CausalLMObjective
+    from satrun.training.optim import build_optimizer
+    from satrun.training.trainer import train_step
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -259,18 +263,10 @@ def check_fsdp(size: dict, device: torch.device, dtype: torch.dtype) -> dict:
     try:
         for name, sat in (("dense", False), ("sat", True)):
             model = _model(size, device)
-            from satrun.training.loss import CausalLMObjective
-
             if sat:
-                sparsifier = _sat(model)
-                sparsifier.regather = True  # as under FSDP2 in training
+                _sat(model).regather = True  # as under FSDP2 in training
             objective = distributed.wrap(CausalLMObjective(model), list(model.model.layers), "fsdp",
                                          distributed.World(0, 2, 0), device, dtype)  # two: wrap() leaves one rank alone
-            from satrun.config import OptimConfig
-            from satrun.training import runtime
-            from satrun.training.optim import build_optimizer
-            from satrun.training.trainer import train_step
-
             optimizer = build_optimizer(model, OptimConfig())
             loss, *_ = train_step(objective, optimizer, [_batch(size, device, size["tokens"][0])], 1.0,
                                   runtime.autocast(device, dtype))

@@ -24,14 +24,13 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"trainer.device={name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         # The named GPU becomes the current one: kernels, the caching allocator, NCCL and
-        # torch.cuda's own calls without a device then all use it, not GPU 0.
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
+        # torch.cuda's own calls without a device then all use it, not GPU 0. A plain "cuda"
+        # touches no GPU here: under torchrun each rank takes its own (distributed.device_of).
+        if device.index >= torch.cuda.device_count():
             raise UsageError(f"trainer.device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-        torch.cuda.set_device(index)
-        device = torch.device("cuda", index)
+        torch.cuda.set_device(device.index)
     return device
 
 
