@@ -18,8 +18,8 @@ from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_ch
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
-from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, is_adapted, load_adapters, save_adapters,
-                                    save_base, save_merged, weights_source)
+from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, initial_adapter_state, is_adapted, load_adapters,
+                                    save_adapters, save_base, save_merged, weights_source)
 from satrun.perf.bench import print_bench, run_bench
 from satrun.perf import probe
 from satrun.perf.flops import Shape, ideal_speedup, step_flops
@@ -64,12 +64,11 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         checkpoint.check_resumable(resume, world.size, sharded)  # shards fit only their own rank count
         if not cfg.resume_allow_changes:
             _check_unchanged(resume, settings)
-    random_here = cfg.model.source == "random" and resume is None and world.main  # broadcast from here
+    # a random model is built here and broadcast (with adapters: its base, which no checkpoint holds)
+    random_here = (cfg.model.source == "random" and world.main
+                   and (resume is None or cfg.adapter.name != "none"))
     tokenizer, model, corpus = load_inputs(cfg, empty=sharded and not random_here)
-    if cfg.adapter.name != "none" and sharded:
-        raise UsageError(f"adapter={cfg.adapter.name} under trainer.strategy=fsdp is not built yet; "
-                         "use one process or trainer.strategy=ddp")
-    model = add_adapters(model, cfg.adapter, weights_source(cfg.model, run_dir))
+    model = add_adapters(model, cfg.adapter, weights_source(cfg.model, run_dir), seed=cfg.trainer.seed)
     display.message(
         f"model {cfg.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
         + (f" ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M of them LoRA adapters, "
@@ -475,17 +474,42 @@ def _weight_source(cfg: TrainConfig, model: PreTrainedModel, resume: dict[str, A
     have them). A resumed run reads its checkpoint (sharded checkpoints: the trainer restores
     them with the optimizer); an FSDP2 start has each rank read its own shards of the
     pre-trained weights, or, for a random model, take them from the first rank, which built it."""
-    if resume is not None and is_adapted(model):  # the base is loaded; the adapters come from the checkpoint
-        return lambda m: load_adapters(m, Path(resume["folder"]) / ADAPTER_FOLDER)
+    if is_adapted(model):
+        return _adapted_weight_source(cfg, model, resume, sharded)
     if resume is not None:
         return None if resume["sharded"] else (lambda m: load_weights(m, Path(resume["folder"])))
-    if not sharded:
-        return None
+    return _start_weights(cfg, model) if sharded else None
+
+
+def _start_weights(cfg: TrainConfig, model: torch.nn.Module) -> Callable[[torch.nn.Module], None]:
+    """An FSDP2 start: each rank reads its shards of the pre-trained weights, or, for a random
+    model, takes them from the first rank, which built it."""
     folder = weights_folder(cfg.model)
     if folder is not None:
         return lambda m: load_weights(m, folder)
     full = model.state_dict() if distributed.current().main else None  # the first rank's whole model
     return lambda m: distributed.broadcast_weights(m, full)
+
+
+def _adapted_weight_source(cfg: TrainConfig, model: torch.nn.Module, resume: dict[str, Any] | None,
+                           sharded: bool) -> Callable[[torch.nn.Module], None] | None:
+    """With adapters the base always comes from where the model does (a checkpoint holds the
+    adapters alone). One process: the base is loaded and the adapters initialised already; a
+    resume reads the checkpoint's adapters. FSDP2: the base as at any start, then the seeded
+    initial adapters, or on resume the trainer restores them from the shards with the
+    optimizer state."""
+    if not sharded:
+        return None if resume is None else (lambda m: load_adapters(m, Path(resume["folder"]) / ADAPTER_FOLDER))
+    if resume is not None and not resume["sharded"]:
+        raise UsageError(f"resume={resume['folder']}: a checkpoint of adapters written by one process does not resume "
+                         "under trainer.strategy=fsdp; resume it as it was written")
+    base = _start_weights(cfg, model)
+    initial = initial_adapter_state(model, cfg.trainer.seed) if resume is None else {}
+
+    def fill(m: torch.nn.Module) -> None:
+        base(m)
+        distributed.fill_whole(m, initial)
+    return fill
 
 
 def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:

@@ -49,7 +49,18 @@ def assert_same_training(run: Path, reference: Path) -> None:
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
     assert losses == pytest.approx(expected, rel=1e-5)
+    assert_same_final(run, reference)
+
+
+def assert_same_final(run: Path, reference: Path) -> None:
     assert_same_weights(run / "final", reference / "final")
+    if (reference / "final" / "adapter").is_dir():  # and the adapters, in peft's format
+        from safetensors.torch import load_file
+
+        got, want = (load_file(r / "final" / "adapter" / "adapter_model.safetensors") for r in (run, reference))
+        assert got.keys() == want.keys() and len(want) > 0
+        for name, tensor in want.items():
+            torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def assert_same_weights(folder: Path, reference: Path) -> None:
@@ -64,7 +75,7 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat"),
-                                                ("ddp", "sft-sat"), ("ddp", "lora")])
+                                                ("ddp", "sft-sat"), ("ddp", "lora"), ("fsdp", "lora")])
 def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
     result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
                       tmp_path)
@@ -135,6 +146,29 @@ def test_fsdp_reads_pretrained_weights_shard_by_shard(single, tmp_path: Path) ->
                     "hydra.run.dir=two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_training(tmp_path / "two", tmp_path / "one")
+
+
+def test_fsdp_lora_on_pretrained_weights_with_sat_equals_one_process_and_resumes_exactly(single, tmp_path: Path) -> None:
+    """LoRA under FSDP2 from the meta device: each rank reads its rows of the frozen base, the
+    adapters start from the seed's values, SAT's sparse steps train them; checkpoints hold the
+    adapters' and the optimizer's shards only, and a resume from one continues exactly."""
+    args = [*RUN, "model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "adapter=lora", "adapter.r=4",
+            "optim.lr=1e-2", *SCHEDULERS["sat"]]
+    one = run_satrun(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = [*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "trainer.save_every=2"]
+    full = torchrun([*sharded, "hydra.run.dir=full"], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert_same_training(tmp_path / "full", tmp_path / "one")
+    step = tmp_path / "full" / "checkpoints" / "step_2" / "shards"
+    base = sum(p.stat().st_size for p in (single["dense"] / "final").glob("*.safetensors"))
+    assert 0 < sum(p.stat().st_size for p in step.glob("*.distcp")) < base / 10  # no frozen base in it
+    resumed = torchrun([*sharded, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses = [{r["step"]: r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"}
+              for run in ("resumed", "full")]
+    assert sorted(losses[0]) == [3, 4] and all(losses[0][s] == losses[1][s] for s in losses[0])
+    assert_same_final(tmp_path / "resumed", tmp_path / "full")
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:

@@ -6,6 +6,11 @@ and loaded in peft's own format (``adapter_config.json``, ``adapter_model.safete
 ``final/adapter`` folder loads with ``PeftModel.from_pretrained`` onto the base model its
 config names, and ``save_merged`` writes the base with the adapters folded in as a plain
 Hugging Face folder.
+
+Under FSDP2 the model's parameters are shards (DTensors): the base is filled under its Hugging
+Face names (``base_weights``), the adapters from their seeded initial values
+(``initial_adapter_state``), and the final folder is written from shards as well: the merged
+weights are each rank's base shard plus its rows of ``scale * B @ A`` (``merged_weights``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,10 +43,13 @@ def weights_source(cfg: ModelConfig, run_dir: Path) -> str:
     return cfg.path
 
 
-def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, base: Optional[str]) -> torch.nn.Module:
+def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, base: Optional[str], seed: Optional[int] = None) -> torch.nn.Module:
     """``model`` with LoRA adapters on ``cfg.target_modules`` (``cfg.name == "none"``: unchanged).
     ``base``: where the base weights come from (a folder or hub id), written into
-    adapter_config.json so the saved adapter names its base model."""
+    adapter_config.json so the saved adapter names its base model. ``seed``: the adapters'
+    initial values are drawn from it alone (peft's initialisation, in module order), whatever
+    the model's loading drew before, so that a model built on the meta device (FSDP2) gets the
+    same adapters from :func:`initial_adapter_state`; None: from the global generator."""
     if cfg.name == "none":
         return model
     from peft import LoraConfig, get_peft_model
@@ -58,7 +66,57 @@ def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, base: Optional[str]
         adapted = get_peft_model(model, config)
     if base is not None:  # peft takes the model's own name_or_path, which a random model lacks
         adapted.peft_config["default"].base_model_name_or_path = base
+    if seed is not None and not any(p.is_meta for p in adapted.parameters()):
+        for _ in _seeded_layers(adapted, seed):
+            pass
     return adapted
+
+
+def _seeded_layers(model: torch.nn.Module, seed: int) -> Iterator[tuple[str, torch.nn.Module]]:
+    """Each LoRA layer of ``model`` (name, layer) with its adapters re-initialised by peft from a
+    generator seeded with ``seed``, in module order. A layer on the meta device is initialised
+    as a copy whose adapters alone live on the CPU (the base stays on meta)."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            if any(p.is_meta for p in layer.lora_A.parameters()):
+                layer = copy.deepcopy(layer)
+                layer.lora_A.to_empty(device="cpu")
+                layer.lora_B.to_empty(device="cpu")
+            for adapter in layer.lora_A:
+                layer.reset_lora_parameters(adapter, model.peft_config[adapter].init_lora_weights)
+            yield name, layer
+
+
+def initial_adapter_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' initial values as :func:`add_adapters` with ``seed`` gives them, as whole
+    CPU tensors under ``model.state_dict()``'s names, for a model whose parameters are still on
+    the meta device."""
+    state = {}
+    for name, layer in _seeded_layers(model, seed):
+        for part in ("lora_A", "lora_B"):
+            for adapter, linear in getattr(layer, part).items():
+                state[f"{name}.{part}.{adapter}.weight"] = linear.weight.detach()
+    return state
+
+
+def is_adapter_parameter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def base_name(name: str) -> str:
+    """A parameter's name in the base model's Hugging Face folder (peft's wrapping removed)."""
+    return name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+
+
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's parameters under their Hugging Face names (a tied one once): for a
+    model without adapters its own ``named_parameters()``."""
+    return {base_name(name): p.detach() for name, p in model.named_parameters() if not is_adapter_parameter(name)}
 
 
 def is_adapted(model: torch.nn.Module) -> bool:
@@ -68,9 +126,14 @@ def is_adapted(model: torch.nn.Module) -> bool:
 
 
 def save_adapters(model: torch.nn.Module, folder: Path) -> None:
-    """The adapter weights and their config (peft's format) into ``folder``."""
-    # the embeddings are not adapted: no need for peft to look for the base's vocabulary
-    model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
+    """The adapter weights and their config (peft's format) into ``folder``. Every rank calls
+    it: FSDP2's shards are joined first (the adapters are small), the first rank writes."""
+    from satrun.training import distributed
+
+    state = distributed.full_trainable_state(model) if distributed.is_sharded(model) else None
+    if distributed.current().main:
+        # the embeddings are not adapted: no need for peft to look for the base's vocabulary
+        model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False, state_dict=state)
 
 
 def load_adapters(model: torch.nn.Module, folder: Path) -> None:
@@ -91,12 +154,44 @@ def save_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, fold
     (from a copy: the model keeps training, sampling or generating with its adapters)."""
     from satrun.training.saving import write_hf_folder
 
-    merged = copy.deepcopy(model).merge_and_unload()
-    write_hf_folder(merged, tokenizer, folder)
+    from satrun.training import distributed
+
+    if distributed.is_sharded(model):  # peft merges whole tensors in place; here each rank merges its rows
+        write_hf_folder(model.get_base_model(), tokenizer, folder, state=merged_weights(model))
+    else:
+        write_hf_folder(copy.deepcopy(model).merge_and_unload(), tokenizer, folder)
+
+
+def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights with each adapter folded in (``W + scale * B @ A``), under the base's
+    Hugging Face names, without changing the model. Under FSDP2 every rank gets its own rows:
+    the adapters are joined (small), the base shards stay shards."""
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = base_weights(model)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        weight = layer.get_base_layer().weight
+        for adapter in layer.active_adapters:
+            a, b = (getattr(layer, part)[adapter].weight.detach() for part in ("lora_A", "lora_B"))
+            if isinstance(a, DTensor):
+                a, b = a.full_tensor(), b.full_tensor()
+            delta = (b @ a) * layer.scaling[adapter]
+            if isinstance(weight, DTensor):  # this rank's rows of it, no communication
+                delta = distribute_tensor(delta, weight.device_mesh, weight.placements, src_data_rank=None)
+            key = base_name(f"{name}.weight")
+            state[key] = state[key] + delta.to(weight.dtype)
+    return state
 
 
 def save_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """The base model without its adapters (a random base exists nowhere else)."""
+    from satrun.training import distributed
     from satrun.training.saving import write_hf_folder
 
-    write_hf_folder(copy.deepcopy(model).unload(), tokenizer, folder)
+    if distributed.is_sharded(model):
+        write_hf_folder(model.get_base_model(), tokenizer, folder, state=base_weights(model))
+    else:
+        write_hf_folder(copy.deepcopy(model).unload(), tokenizer, folder)

@@ -141,7 +141,8 @@ def max_sequence_length(model: PreTrainedModel) -> int | None:
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Load the safetensors weights of a Hugging Face folder into ``model``, whose parameters
+    """Load the safetensors weights of a Hugging Face folder into ``model`` (with adapters: into
+    its base), whose parameters
     may be FSDP2 shards: each process then reads only its own rows (torch.distributed.checkpoint's
     Hugging Face reader; without a process group it reads everything). Tied weights, saved
     once, are loaded once. Tensors transformers itself ignores on loading are ignored too: the
@@ -152,10 +153,13 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 
     if not any(folder.glob("*.safetensors")):
         raise UsageError(f"{folder}: no .safetensors weights to load")
-    # named_parameters() lists a tied parameter once, under the name the checkpoint keeps.
-    state = {name: p.detach() for name, p in model.named_parameters()}
+    from satrun.models.adapters import base_name, base_weights
+
+    # named_parameters() lists a tied parameter once, under the name the checkpoint keeps; a
+    # model with adapters loads its base (under the base's names), the adapters are its own
+    state = base_weights(model)
     persistent = model.state_dict().keys()  # once: buffers the checkpoint holds (not e.g. rotary frequencies)
-    state.update({name: b for name, b in model.named_buffers() if name in persistent})
+    state.update({base_name(name): b for name, b in model.named_buffers() if name in persistent})
     reader = dcp.HuggingFaceStorageReader(str(folder))
     try:
         stored = set(reader.read_metadata().state_dict_metadata)
@@ -183,8 +187,10 @@ def _ignored_on_load(model: torch.nn.Module) -> "re.Pattern[str]":
 
 def _tied_aliases(model: torch.nn.Module) -> set[str]:
     """Names under which a tied parameter appears a second time (e.g. lm_head.weight)."""
+    from satrun.models.adapters import base_name
+
     every = dict(model.named_parameters(remove_duplicate=False))
-    return set(every) - {name for name, _ in model.named_parameters()}
+    return {base_name(name) for name in set(every) - {name for name, _ in model.named_parameters()}}
 
 
 def _distributed() -> bool:

@@ -14,7 +14,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -153,14 +153,30 @@ def reshard(module: torch.nn.Module) -> None:
             sub.reshard()
 
 
+def _trained_only(strict: bool = True):  # type: ignore[no-untyped-def]
+    """State-dict options that leave out frozen parameters (a LoRA run's base: not trained, and
+    loaded from its own folder again on resume)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
+
+
+def _without_frozen(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` without frozen parameters under any of their names (``ignore_frozen_params``
+    drops a tied one under its first name only: a frozen tied LM head would stay)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {name: value for name, value in state.items() if name not in frozen}
+
+
 def save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every rank writes its shards of the weights and optimizer state into ``folder`` (one
-    torch.distributed.checkpoint, in parallel; the folder must be the same on every rank)."""
+    """Every rank writes its shards of the trained weights (frozen ones are left out) and of the
+    optimizer state into ``folder`` (one torch.distributed.checkpoint, in parallel; the folder
+    must be the same on every rank)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+    model_state, optim_state = get_state_dict(model, optimizer, options=_trained_only())
+    dcp.save({"model": _without_frozen(model, model_state), "optimizer": optim_state}, checkpoint_id=str(folder))
 
 
 def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -168,21 +184,41 @@ def load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folde
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    model_state, optim_state = get_state_dict(model, optimizer, options=_trained_only())
+    state = {"model": _without_frozen(model, model_state), "optimizer": optim_state}
     dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    # not strict: the frozen parameters (all of them, tied ones too) are the ones left out
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_trained_only(strict=False))
 
 
-def save_sharded_weights(model: torch.nn.Module, folder: Path) -> None:
-    """The weights as a plain Hugging Face safetensors folder: every rank writes its shards,
-    then the first rank joins them into whole tensors, one tensor in memory at a time
-    (torch.distributed.checkpoint's Hugging Face writer)."""
+def full_trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters (e.g. LoRA adapters) as whole CPU tensors under ``model``'s
+    state-dict names: a collective under FSDP2 (every rank calls it; the first rank gets them,
+    the others an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+
+
+def fill_whole(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Some of ``model``'s parameters from whole tensors every rank holds (``state``; the
+    others keep their values): under FSDP2 each rank keeps its rows."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def save_sharded_weights(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Weights (FSDP2 shards, by their Hugging Face names; a tied weight once) as a plain Hugging
+    Face safetensors folder: every rank writes its shards, then the first rank joins them into
+    whole tensors, one tensor in memory at a time (torch.distributed.checkpoint's Hugging Face
+    writer)."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
 
-    state = {name: p.detach() for name, p in model.named_parameters()}  # a tied weight once
     dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), save_distributed=True,
                                                                  enable_consolidation=True))
     barrier()

@@ -125,10 +125,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """A transformers causal LM's decoder layers (of the model a peft model adapts), or none."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return list(getattr(getattr(model, "model", model), "layers", []))
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder layer in place (as torchtitan does, before FSDP2 wraps it):
     one compiled graph serves every layer of the same shapes. Returns the layers compiled."""
-    layers = list(getattr(getattr(model, "model", model), "layers", []))
+    layers = decoder_layers(model)
     for layer in layers:
         layer.compile()
     return len(layers)

@@ -16,8 +16,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from satrun.errors import DiskFull
@@ -149,12 +150,15 @@ def damage(folder: Path) -> str | None:
     return None
 
 
-def write_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> Path:
+def write_hf_folder(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                    state: Optional[dict[str, torch.Tensor]] = None) -> Path:
     """safetensors + config + tokenizer into ``folder`` (not atomic by itself; every rank calls
     it). FSDP2-sharded weights are written by each rank and joined tensor by tensor, so no rank
-    ever holds more than one whole tensor beyond its shards."""
+    ever holds more than one whole tensor beyond its shards; ``state`` (sharded models only)
+    gives the weights to write instead of the model's own parameters."""
     if distributed.is_sharded(model):
-        distributed.save_sharded_weights(model, folder)
+        distributed.save_sharded_weights(state if state is not None else {n: p.detach() for n, p in model.named_parameters()},
+                                         folder)
         if distributed.current().main:
             model.config.save_pretrained(folder)
             if getattr(model, "generation_config", None) is not None and model.can_generate():

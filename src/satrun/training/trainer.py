@@ -244,7 +244,7 @@ def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.
         runtime.enable_activation_checkpointing(model)
     if trainer.compile:
         runtime.compile_layers(model)
-    blocks = list(getattr(getattr(model, "model", model), "layers", []))
+    blocks = runtime.decoder_layers(model)
     objective = distributed.wrap(CausalLMObjective(model, batch_hooks), blocks, trainer.strategy, world, device, dtype)
     distributed.materialize(model, device, fill)
     return objective
