@@ -34,7 +34,7 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
     low, _, high = sorted(paired)  # inclusive quartiles of three values: midpoints towards the median
     assert sparse["speedup_quartiles"] == pytest.approx([(low + statistics.median(paired)) / 2,
                                                          (high + statistics.median(paired)) / 2])
-    assert all(r["mfu"] is None for r in rows)  # no known peak on CPU
+    assert all(r["mfu"] is None and r["profile_s"] is None for r in rows)  # no known peak on CPU; not profiled
     assert 0 < sparse["peak_mem_bytes"] < dense["peak_mem_bytes"]  # counted tensor bytes on CPU
     assert (tmp_path / "bench" / "bench.png").read_bytes().startswith(b"\x89PNG")
 
@@ -73,3 +73,16 @@ def test_gpu_bench_script_runs_its_path_on_cpu(tmp_path: Path) -> None:
     assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
     config = (tmp_path / "gpu" / ".hydra" / "config.yaml").read_text()
     assert "precision: bf16" in config and "num_layers: 1" in config
+
+
+def test_bench_profile_splits_a_step_into_matrix_products_attention_and_the_rest(satrun, tmp_path: Path) -> None:
+    result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=1",
+                    "bench.rates=[0.5]", "bench.profile=true", "hydra.run.dir=bench")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    for row in rows:
+        p = row["profile_s"]
+        assert p["matmul"] > 0 and p["attention"] > 0 and p["other"] > 0
+        # operators' own times on the calling thread: together within the profiled step's wall time
+        assert 0.3 * p["wall"] < p["matmul"] + p["attention"] + p["other"] <= 1.05 * p["wall"]
+    assert "where a step's time goes" in result.stdout

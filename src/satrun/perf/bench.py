@@ -10,7 +10,8 @@ step time and labelled tokens/s, speed-up over satrun's dense step (the median o
 the row's labelled tokens/s over the dense step's, both timed in that round; on the same batch
 that is the ratio of step times), the FLOP model's ideal speed-up (labelled tokens per FLOP,
 against the dense step), efficiency = (measured - 1) / (ideal - 1), the share of step time spent
-scoring and selecting, peak memory.
+scoring and selecting, peak memory; with ``bench.profile`` also one profiled step's time in
+matrix products, the attention kernel and the rest.
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ def run_bench(
         step = steps.get(name, satrun_step)
         peak[name] = peak_bytes(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
+    shares = {}
+    for name, rate, attn_rate in configs if cfg.profile else ():
+        sparsifier.set_rates(rate, attn_rate, step=0)
+        step = steps.get(name, satrun_step)
+        shares[name] = time_by_kind(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device)
     align, layers, tokens_mode = sparsifier.selector.align_on(device.type), sparsifier.layers, sparsifier.tokens
 
     def flops_per_label(name: str, rate: Any, attn_rate: float) -> float:
@@ -165,8 +171,39 @@ def run_bench(
             "overhead_share": statistics.median(select[name]),
             "peak_mem_bytes": peak[name],
             "mfu": flops / step_s / peak_flops if peak_flops else None,
+            "profile_s": shares.get(name),
         })
     return rows
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
+
+
+def time_by_kind(step: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Seconds one call of ``step`` spends in matrix products, in the attention kernel and in
+    everything else (each operator's own time, by torch.profiler; on CUDA the device's time),
+    and its wall time. The FLOP model counts the first two only: the rest (norms, activations,
+    element-wise products, copies, the optimizer's update) sets how much of an ideal speed-up
+    a step can show."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runtime.synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        runtime.synchronize(device)
+    wall = time.perf_counter() - started
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        own = (event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total) / 1e6
+        if event.key in MATMUL_OPS:
+            kinds["matmul"] += own
+        elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
+            kinds["attention"] += own
+        else:
+            kinds["other"] += own
+    return {**kinds, "wall": wall}
 
 
 def print_bench(rows: list[dict[str, Any]]) -> None:
@@ -186,4 +223,15 @@ def print_bench(rows: list[dict[str, Any]]) -> None:
             "-" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**30:.2f} GiB",
             "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
         )
-    Console(width=None if sys.stdout.isatty() else 130).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    console.print(table)
+    profiled = [r for r in rows if r.get("profile_s")]
+    if not profiled:
+        return
+    kinds = Table(title="where a step's time goes (bench.profile: one profiled step per row, each operator's own time)")
+    for column in ("row", "matrix products", "attention kernel", "the rest", "profiled step"):
+        kinds.add_column(column, justify="left" if column == "row" else "right", no_wrap=True)
+    for r in profiled:
+        p = r["profile_s"]
+        kinds.add_row(r["name"], *(f"{p[k]:.3f} s" for k in ("matmul", "attention", "other", "wall")))
+    console.print(kinds)

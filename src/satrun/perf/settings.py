@@ -17,6 +17,7 @@ class BenchConfig:
     steps: int = 3  # steps x repeats timed steps per row, interleaved with the other rows' steps
     repeats: int = 3  # rounds of the rows
     heads: bool = True  # omit attention heads at the same rate as MLP channels
+    profile: bool = False  # one more step per row under torch.profiler: its time in matrix products, attention, the rest
 
 
 @dataclass
