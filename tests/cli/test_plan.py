@@ -56,8 +56,8 @@ def test_plan_of_the_default_ladder_weights_stages_by_steps(satrun, tmp_path: Pa
     expected = 100 / sum(s["steps"] / s["ideal_speedup"] for s in stages)
     assert plan["run_ideal_speedup"] == pytest.approx(expected)
     assert 1.0 < plan["run_ideal_speedup"] < stages[0]["ideal_speedup"]
-    mem = plan["memory_bytes"]
-    assert mem["optimizer"] == 2 * mem["weights"] and mem["activations_first_stage"] < mem["activations_dense"]
+    mem, first = plan["memory_per_rank_bytes"], plan["memory_per_rank_first_stage_bytes"]
+    assert mem["optimizer"] == 2 * mem["weights"] and first["activations"] < mem["activations"]
 
 
 def test_plan_counts_smollm2_once_and_follows_align_layers_and_layer_scale(satrun, tmp_path: Path) -> None:

@@ -191,15 +191,6 @@ def build_plan(
         "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act, tokens, checkpointing=checkpointing),
         "memory_per_rank_first_stage_bytes": memory_per_rank(shape, ranks, strategy, act, tokens,
                                                              1 - stages[0].mlp_rate, 1 - stages[0].attn_rate, checkpointing),
-        "memory_bytes": {
-            "weights": 4 * n_params,
-            "gradients": 4 * n_params,
-            "optimizer": 8 * n_params,
-            "activations_dense": activation_bytes(shape, tokens, act),
-            "activations_first_stage": activation_bytes(
-                shape, tokens, act, 1 - stages[0].mlp_rate, 1 - stages[0].attn_rate
-            ),
-        },
     }
 
 
@@ -239,13 +230,6 @@ def print_plan(plan: dict[str, Any]) -> None:
                       f"{100 * split['unlabelled']:.1f}% unlabelled, {100 * split['padding']:.1f}% padding; "
                       f"neurons omitted for {plan['sparse_tokens']} tokens; the LM head runs at labelled positions")
     console.print(f"training FLOPs of the run: dense {flops['dense']:.3e}, SAT {flops['sat']:.3e}")
-    mem = plan["memory_bytes"]
-    memory = Table(title=f"memory estimate (micro-batch {plan['micro_batch_size']}, activations in {plan['precision']})")
-    memory.add_column("what")
-    memory.add_column("GiB", justify="right")
-    for key in ("weights", "gradients", "optimizer", "activations_dense", "activations_first_stage"):
-        memory.add_row(key.replace("_", " "), f"{mem[key] / gib:.2f}")
-    console.print(memory)
     per_rank, first = plan["memory_per_rank_bytes"], plan["memory_per_rank_first_stage_bytes"]
     ranks = Table(title=f"memory per rank: {plan['ranks']} rank(s), strategy {plan['strategy']} (plan.ranks, trainer.strategy)")
     ranks.add_column("what")
