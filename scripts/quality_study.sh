@@ -49,27 +49,14 @@ SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo sat
 PYTHON=$(dirname "$(command -v "$SATRUN")")/python
 ONLY=${ONLY:-}
 mkdir -p "$OUT"
+# shellcheck source=scripts/study_common.sh
+source scripts/study_common.sh
 
 CPT=(trainer.max_steps=150 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
 SFT=(mode=sft data=chatterbot trainer.max_steps=40 trainer.eval_every=10 trainer.eval_batches=0 trainer.progress=log)
 PAPER=(metric=maxip metric.token_stride=16 selector.normalize=max selector.fill=zero "~calibration")
 
-run() {  # run NAME OVERRIDES...: one satrun train into $OUT/NAME, skipped when done or not in ONLY
-    local name=$1; shift
-    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && ! { [[ " $ONLY " == *" sft "* ]] && [[ $name == sft-* ]]; }; then
-        return
-    fi
-    if [ -f "$OUT/$name/summary.json" ]; then echo "$name: done already"; return; fi
-    rm -rf "${OUT:?}/$name"
-    echo "$name: satrun train $*"
-    "$SATRUN" train "$@" hydra.run.dir="$OUT/$name" > "$OUT/$name.log" 2>&1
-}
 
-dense_steps() {  # dense_steps STEPS OVERRIDES...: round(STEPS x the default SAT run's FLOP fraction)
-    local steps=$1; shift
-    "$SATRUN" plan trainer.max_steps="$steps" "$@" hydra.run.dir="$OUT/plan-$steps" > /dev/null
-    "$PYTHON" -c "import json,sys; p=json.load(open(sys.argv[1])); print(round($steps * p['run_flop_fraction']))" "$OUT/plan-$steps/plan.json"
-}
 
 SCREEN=(trainer.max_steps=40 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log "~calibration"
         metric=contrib metric.token_stride=8 selector.normalize=rank)
@@ -95,9 +82,6 @@ run sat150-s7 "${CPT[@]}" trainer.eval_every=0 trainer.seed=7
 run "dense$N-s7" "${CPT[@]}" trainer.eval_every=0 trainer.seed=7 scheduler=dense trainer.max_steps="$N"
 run paper150 "${CPT[@]}" "${PAPER[@]}"
 
-same_flops() {  # same_flops SAT_RUN DENSE_RUN: the dense steps whose FLOPs match the SAT run's (from summary.json)
-    "$PYTHON" -c "import json,sys; s,d=(json.load(open(f+'/summary.json')) for f in sys.argv[1:]); print(round(d['steps'] * s['train_flops'] / d['train_flops']))" "$1" "$2"
-}
 # the probe's per-layer rates for an ideal sparse step of 1.45x (docs/results/quality/sft-probe), 90% of the steps
 T145=("~calibration" scheduler.rate=0.645 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1
       "scheduler.layer_scale=[0,0,0,0,0.775194,0.697674,0.775194,1.085271,0,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.395349,1.085271,1.395349,1.395349,0,1.395349,1.085271,1.085271,1.395349,1.395349,1.085271,1.395349,1.395349,1.395349]")
@@ -132,16 +116,6 @@ if [ -z "$ONLY" ] || [[ " $ONLY " == *" probe "* ]]; then  # the default's calib
     "$SATRUN" probe selector.normalize=max selector.fill=zero "~calibration" hydra.run.dir="$OUT/probe-max" > "$OUT/probe-max.log" 2>&1
 fi
 
-report() {  # report FOLDER [--bench BENCH_FOLDER] LABEL=RUN...: only the runs that finished; --bench: time axis from it
-    local dest=$1; shift
-    local have=()
-    if [ "$1" = --bench ]; then
-        [ -f "$OUT/$2/bench.json" ] && have+=(--bench "$OUT/$2/bench.json")
-        shift 2
-    fi
-    for pair in "$@"; do [ -f "${pair#*=}/summary.json" ] && have+=("$pair"); done
-    if [[ " ${have[*]} " == *"="* ]]; then "$PYTHON" scripts/quality_report.py "$dest" "${have[@]}"; fi
-}
 report "$OUT/cpt" --bench bench "dense 150=$OUT/dense150" "SAT default 150=$OUT/sat150" "dense $N=$OUT/dense$N" \
     "SAT paper-shaped 150=$OUT/paper150"
 report "$OUT/screens" --bench bench "dense=$OUT/s40-dense" "uniform 0.2=$OUT/s40-uniform02" "per-layer 1.11x=$OUT/s40-cal111" \
