@@ -78,3 +78,24 @@ def test_an_adapter_layout_the_sparse_path_does_not_compute_is_an_error() -> Non
     model = get_peft_model(build("llama-mha"), LoraConfig(r=4, target_modules=["gate_proj"], use_dora=True))
     with pytest.raises(UnsupportedModel, match="DoRA"):
         Sparsifier(model, MetricConfig(), SelectorConfig())
+
+
+def test_activation_checkpointing_of_sat_lora_gives_the_same_adapter_gradients() -> None:
+    """Each decoder layer of the peft model recomputed in backward (the layers it adapts are
+    found through the wrapper) reuses its selection: the adapter gradients are unchanged."""
+    from satrun.training.runtime import decoder_layers, enable_activation_checkpointing
+
+    plain = _adapted("llama-gqa")
+    ckpt = copy.deepcopy(plain)
+    enable_activation_checkpointing(ckpt)
+    assert len(decoder_layers(ckpt)) == 2 and all(layer.gradient_checkpointing for layer in decoder_layers(ckpt))
+    ids, labels = batch()
+    results = []
+    for model in (plain, ckpt):
+        sat = Sparsifier(model, seed=5)  # sampling: a re-drawn selection would change the gradients
+        sat.set_rates(0.5, 0.5, step=2)
+        results.append(loss_and_grads(model, ids, labels))
+    assert_close(results[0][0], results[1][0], "logits")
+    trained = [n for n, p in plain.named_parameters() if p.requires_grad]
+    for name in trained:
+        assert_close(results[0][1][name], results[1][1][name], name)
