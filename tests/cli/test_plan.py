@@ -141,3 +141,5 @@ def test_plan_counts_lora_memory_and_flops(satrun, tmp_path: Path) -> None:
     assert mem["peak"] < 80 * 2**30 < f["memory_per_rank_bytes"]["peak"]  # fits one 80 GB GPU; full fine-tuning does not
     assert 0.6 < l["dense_flops_per_token"]["train"] / f["dense_flops_per_token"]["train"] < 0.75
     assert "LoRA rank 16" in " ".join(lora.stdout.split())
+    # a frozen base has no AdamW, gradient or clipping work: per-weight work is a small share at 1,024 tokens
+    assert l["per_weight_share"] < 0.4 * f["per_weight_share"] and "work per weight" not in " ".join(lora.stdout.split())

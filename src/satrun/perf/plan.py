@@ -122,14 +122,17 @@ def memory_per_rank(shape: Shape, ranks: int, strategy: str, compute_bytes: int,
 # reads the gradient, zeroing writes it, autocast reads the weight and writes its bf16 copy
 # (about 42 bytes in all), at memory speed. The matrix products take 6 FLOPs per parameter and
 # token at a fraction of the peak. An H100 SXM: 3.35 TB/s, 989 TFLOP/s bf16 (half of it reached).
-PER_WEIGHT_BYTES, GPU_BYTES_PER_S, GPU_FLOPS = 42, 3.35e12, 0.5 * 989e12
+# A frozen weight (LoRA's base) has no optimizer, gradient or clipping: autocast's copy alone
+# (6 bytes), and its products take 4 FLOPs per parameter and token (no weight gradient).
+PER_WEIGHT_BYTES, FROZEN_WEIGHT_BYTES, GPU_BYTES_PER_S, GPU_FLOPS = 42, 6, 3.35e12, 0.5 * 989e12
 
 
-def per_weight_share(parameters: int, tokens: int) -> float:
+def per_weight_share(parameters: int, tokens: int, frozen: bool = False) -> float:
     """The estimated share of a GPU step of ``tokens`` positions spent on per-weight work, which
-    SAT does not shrink (a prediction from the constants above, not a measurement)."""
-    weights = parameters * PER_WEIGHT_BYTES / GPU_BYTES_PER_S
-    return weights / (weights + 6 * parameters * tokens / GPU_FLOPS)
+    SAT does not shrink (a prediction from the constants above, not a measurement); ``frozen``:
+    the weights are a LoRA run's frozen base."""
+    weights = parameters * (FROZEN_WEIGHT_BYTES if frozen else PER_WEIGHT_BYTES) / GPU_BYTES_PER_S
+    return weights / (weights + (4 if frozen else 6) * parameters * tokens / GPU_FLOPS)
 
 
 def build_plan(
@@ -174,7 +177,7 @@ def build_plan(
         "shape": asdict(shape),
         "parameters": n_params,
         "adapter_parameters": adapter_parameters(shape),
-        "per_weight_share": per_weight_share(n_params, tokens),
+        "per_weight_share": per_weight_share(n_params, tokens, frozen=shape.lora_rank > 0),
         "seq_len": seq_len,
         "micro_batch_size": micro_batch,
         "precision": precision,
@@ -245,6 +248,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     share = plan["per_weight_share"]
     if share > 0.2 and plan["parameters"] >= 1e9:  # a model trained on GPUs
         tokens = plan["seq_len"] * plan["micro_batch_size"]
-        console.print(f"warning: at {tokens} tokens per micro-batch, work per weight (AdamW, clipping, casts) is about "
+        console.print(f"warning: at {tokens} tokens per micro-batch, work per weight ("
+                      f"{'casts' if plan['adapter_parameters'] else 'AdamW, clipping, casts'}) is about "
                       f"{100 * share:.0f}% of a GPU step (an estimate for an H100): SAT shrinks only the rest. On a GPU "
                       "give each micro-batch several thousand tokens (trainer.seq_len x trainer.micro_batch_size)")
