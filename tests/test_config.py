@@ -255,3 +255,11 @@ def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> 
         _typed(compose, "mode=sft", "scheduler=dense", "scheduler.tokens=unlabelled")
     sft = _typed(compose, "mode=sft", "data=chatterbot")
     assert sft.data.packing and sft.scheduler.tokens == "auto" and sft.scheduler.rate == pytest.approx(0.606667)
+
+
+@pytest.mark.parametrize("mode", ["cpt", "sft"])
+def test_lora_sets_its_own_learning_rate_in_either_mode_and_an_override_wins(compose, mode):
+    lora_file = yaml.safe_load((CONF / "adapter" / "lora.yaml").read_text(encoding="utf-8"))
+    lora, full = from_dict(compose(f"mode={mode}", "adapter=lora")), from_dict(compose(f"mode={mode}"))
+    assert lora.optim.lr == lora_file["optim"]["lr"] > full.optim.lr and lora.adapter.r == lora_file["adapter"]["r"]
+    assert from_dict(compose(f"mode={mode}", "adapter=lora", "optim.lr=1e-4")).optim.lr == 1e-4
