@@ -135,8 +135,8 @@ def test_state_dict_unchanged_and_checkpoint_loads_in_transformers(tmp_path) -> 
     assert "forward" not in vars(model.model.layers[0].mlp)
 
 
-def test_activation_checkpointing_reuses_the_selection() -> None:
-    plain = build("llama-gqa")
+def with_and_without_checkpointing(plain: torch.nn.Module) -> tuple[tuple, tuple]:
+    """(logits, gradients) of one SAT step of ``plain`` and of a copy with activation checkpointing."""
     ckpt = copy.deepcopy(plain)
     enable_activation_checkpointing(ckpt)
     ids, labels = batch()
@@ -146,8 +146,13 @@ def test_activation_checkpointing_reuses_the_selection() -> None:
         sat.set_rates(0.5, 0.5, step=2)
         results.append(loss_and_grads(model, ids, labels))
     assert_close(results[0][0], results[1][0], "logits")
-    for name in results[0][1]:
-        assert_close(results[0][1][name], results[1][1][name], name)
+    return results[0], results[1]
+
+
+def test_activation_checkpointing_reuses_the_selection() -> None:
+    plain, ckpt = with_and_without_checkpointing(build("llama-gqa"))
+    for name in plain[1]:
+        assert_close(plain[1][name], ckpt[1][name], name)
 
 
 def test_non_llama_models_are_rejected() -> None:
