@@ -278,7 +278,10 @@ def check_fsdp(size: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
 def check_bench(size: dict, device: torch.device, dtype: torch.dtype, out_dir: Path, smoke: bool) -> dict:
     rows = {}
-    for name, align, compiled in (("aligned", "null", False), ("unaligned", "1", False), ("aligned, compiled", "null", True)):
+    for name, align, compiled, extra in (("aligned", "null", False, []), ("unaligned", "1", False, []),
+                                         ("aligned, compiled", "null", True, []),
+                                         # dense LoRA against SAT-LoRA, and where each step's time goes
+                                         ("lora", "null", False, ["adapter=lora", "bench.profile=true"])):
         folder = out_dir / f"bench-{name.replace(', ', '-')}"
         sizes = ([f"model.hidden_size={size['hidden']}", f"model.intermediate_size={size['intermediate']}",
                   f"model.num_heads={size['heads']}", f"model.num_kv_heads={size['heads']}", "model.num_layers=2"]
@@ -287,13 +290,13 @@ def check_bench(size: dict, device: torch.device, dtype: torch.dtype, out_dir: P
                    f"trainer.precision={'bf16' if dtype == torch.bfloat16 else 'fp32'}",
                    f"trainer.seq_len={64 if smoke else 2048}", f"trainer.micro_batch_size={1 if smoke else 4}",
                    "~calibration", "bench.rates=[0.5]", f"bench.steps={1 if smoke else 3}", f"bench.repeats={1 if smoke else 2}",
-                   f"selector.align={align}", f"trainer.compile={compiled}", f"hydra.run.dir={folder}"]
+                   f"selector.align={align}", f"trainer.compile={compiled}", *extra, f"hydra.run.dir={folder}"]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             rows[name] = {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
             continue
         bench = json.loads((folder / "bench.json").read_text())
-        rows[name] = [{k: r.get(k) for k in ("name", "speedup", "ideal_speedup", "efficiency", "mfu")} for r in bench]
+        rows[name] = [{k: r.get(k) for k in ("name", "speedup", "ideal_speedup", "efficiency", "mfu", "profile_s")} for r in bench]
     return rows
 
 

@@ -22,7 +22,8 @@ def test_the_gpu_check_runs_every_check_in_smoke_mode(tmp_path: Path) -> None:
     assert checks["determinism"]["bitwise_equal"]  # on the CPU; on CUDA the script reports what it finds
     assert checks["fsdp"]["backend"] == "gloo" and checks["fsdp"]["sat"]["sharded"]
     assert checks["fsdp"]["sat"]["fused_adamw"]  # AdamW fused over FSDP2's DTensor shards
-    assert all(isinstance(checks["bench"][k], list) for k in ("aligned", "unaligned", "aligned, compiled"))
+    assert all(isinstance(checks["bench"][k], list) for k in ("aligned", "unaligned", "aligned, compiled", "lora"))
+    assert all(row["profile_s"]["matmul"] > 0 for row in checks["bench"]["lora"])
     memory = checks["memory"]["peak_bytes"]
     assert memory["sat_mean_fill"] > 0 and memory["dense"] > 0
     assert "written to" in done.stdout
