@@ -23,10 +23,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/lora-study}
-SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo satrun )}
-PYTHON=$(dirname "$(command -v "$SATRUN")")/python
-ONLY=${ONLY:-}
-mkdir -p "$OUT"
 # shellcheck source=scripts/study_common.sh
 source scripts/study_common.sh
 
@@ -47,6 +43,10 @@ for seed in 1234 1; do
     fi
 done
 
+# other SAT-LoRA schedules of at most 75% of the FLOPs (seed 1234): rate 0.75 in layers 4-29; rate 0.7 for 95% of the steps
+run lora-sft-sat40-u075 "${SFT[@]}" scheduler.rate=0.65
+run lora-sft-sat40-f095 "${SFT[@]}" scheduler.sparse_fraction=0.95 scheduler.dense_fraction=0.05
+
 run lora-cpt-dense150 "${CPT[@]}" scheduler=dense
 run lora-cpt-sat150 "${CPT[@]}"
 if [ -f "$OUT/lora-cpt-sat150/summary.json" ] && [ -f "$OUT/lora-cpt-dense150/summary.json" ]; then
@@ -60,13 +60,15 @@ if selected bench; then  # alone: the steps side by side, and where their time g
     "$SATRUN" bench adapter=lora bench.profile=true hydra.run.dir="$OUT/bench-cpt" > "$OUT/bench-cpt.log" 2>&1
 fi
 
-for tag in "" -s1; do
-    runs=()
+for tag in "" -s1; do  # dense LoRA 40 first: the FLOPs are fractions of its own
+    runs=("dense LoRA 40=$OUT/lora-sft-dense40$tag")
     for d in "$OUT"/lora-sft-dense*"$tag"; do
         name=${d##*/}
-        [[ $name =~ ^lora-sft-dense([0-9]+)$tag$ ]] && runs+=("dense LoRA ${BASH_REMATCH[1]}=$d")
+        [[ $name =~ ^lora-sft-dense([0-9]+)$tag$ ]] && [ "${BASH_REMATCH[1]}" != 40 ] && runs+=("dense LoRA ${BASH_REMATCH[1]}=$d")
     done
-    report "$OUT/sft$tag" --bench bench-sft "${runs[@]}" "SAT-LoRA default=$OUT/lora-sft-sat40$tag"
+    runs+=("SAT-LoRA default=$OUT/lora-sft-sat40$tag")
+    [ -z "$tag" ] && runs+=("SAT-LoRA rate 0.75=$OUT/lora-sft-sat40-u075" "SAT-LoRA 95% sparse=$OUT/lora-sft-sat40-f095")
+    report "$OUT/sft$tag" --bench bench-sft "${runs[@]}"
 done
 report "$OUT/cpt" --bench bench-cpt "dense LoRA 150=$OUT/lora-cpt-dense150" "SAT-LoRA default 150=$OUT/lora-cpt-sat150" \
     ${NC:+"dense LoRA $NC=$OUT/lora-cpt-dense$NC"}

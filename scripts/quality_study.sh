@@ -45,10 +45,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/quality-study}
-SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo satrun )}
-PYTHON=$(dirname "$(command -v "$SATRUN")")/python
-ONLY=${ONLY:-}
-mkdir -p "$OUT"
 # shellcheck source=scripts/study_common.sh
 source scripts/study_common.sh
 

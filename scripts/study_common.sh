@@ -1,5 +1,10 @@
-# Helpers of the study scripts (scripts/quality_study.sh, scripts/lora_study.sh), sourced by them
-# with OUT, SATRUN, PYTHON and ONLY set.
+# Helpers of the study scripts (scripts/quality_study.sh, scripts/lora_study.sh), sourced from the
+# repository's root with OUT set: the satrun to run (SATRUN, default the venv's), its Python, the
+# runs selected (ONLY, default all), and the functions below.
+SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo satrun )}
+PYTHON=$(dirname "$(command -v "$SATRUN")")/python
+ONLY=${ONLY:-}
+mkdir -p "$OUT"
 
 selected() {  # selected NAME: ONLY is empty, names NAME, or names a group of it (NAME starts with or holds "-group-" or "group-")
     [ -z "$ONLY" ] && return 0
