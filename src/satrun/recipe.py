@@ -18,8 +18,9 @@ from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_ch
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.models import load_model, load_tokenizer, load_weights, max_sequence_length, weights_folder
-from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, initial_adapter_state, is_adapted, load_adapters,
-                                    save_adapters, save_base, save_merged, weights_source)
+from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, initial_adapter_state, is_adapted,
+                                    is_adapter_folder, load_adapted, load_adapters, save_adapters, save_base, save_merged,
+                                    weights_source)
 from satrun.perf.bench import print_bench, run_bench
 from satrun.perf import probe
 from satrun.perf.flops import Shape, ideal_speedup, step_flops
@@ -380,8 +381,11 @@ def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
         model = load_model(cfg.model, tokenizer)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+            if is_adapter_folder(folder):  # the base its config names, with the adapters (peft)
+                tokenizer, model = load_adapted(folder)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         except (OSError, ValueError) as exc:
             raise UsageError(f"generate.run={g.run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
     model.to(device)
@@ -410,20 +414,23 @@ def _prompts(prompt: list[str], prompt_file: str | None) -> list[str]:
 
 def _weights_to_generate_with(run: str | None) -> Path | None:
     """A Hugging Face folder from generate.run: a run folder's final/ (else its newest
-    checkpoint), or the folder given; None for the configured model."""
+    checkpoint), or the folder given; a LoRA checkpoint's or the folder's adapter (peft's
+    format, applied to the base it names); None for the configured model."""
     if run is None:
         return None
     path = Path(run).expanduser()
     if (path / "final" / "config.json").is_file():
         return path / "final"
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not is_adapter_folder(path):
         found = checkpoint.checkpoints_in(path / "checkpoints") or checkpoint.checkpoints_in(path)
         if not found and not (path / checkpoint.STATE_FILE).is_file():
             raise UsageError(f"generate.run={run}: no final/ model, checkpoint or Hugging Face folder there")
         path = found[-1] if found else path
     if (path / checkpoint.SHARDS).is_dir():
         raise UsageError(f"generate.run={run}: {path} holds FSDP2 shards, not a model folder; use the run's final/")
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and is_adapter_folder(path / ADAPTER_FOLDER):
+        path = path / ADAPTER_FOLDER  # a LoRA run's checkpoint: its adapters
+    if not (path / "config.json").is_file() and not is_adapter_folder(path):
         raise UsageError(f"generate.run={run}: {path} is not a Hugging Face model folder")
     return path
 

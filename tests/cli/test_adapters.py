@@ -66,7 +66,7 @@ def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = satrun("train", *LORA, "hydra.run.dir=run")
+    result = satrun("train", *LORA, "trainer.save_every=4", "hydra.run.dir=run")
     assert result.returncode == 0, result.stderr[-3000:]
     final = tmp_path / "run" / "final"
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
@@ -83,6 +83,14 @@ def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path
 
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]) == (final / "base").resolve()
+    # satrun generate: the merged final/, its adapter on the base it names, a checkpoint's adapter
+    outputs = []
+    for name, run in (("merged", "run"), ("adapter", "run/final/adapter"), ("checkpoint", "run/checkpoints/step_4")):
+        done = satrun("generate", f"generate.run={run}", "generate.prompt=[In the beginning]", "generate.max_new_tokens=5",
+                      "generate.chat=off", f"hydra.run.dir=gen-{name}")
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(json.loads((tmp_path / f"gen-{name}" / "generations.jsonl").read_text())["output"])
+    assert outputs[0] == outputs[1] == outputs[2] and outputs[0]
 
 
 def test_sat_lora_trains_the_adapters_and_leaves_the_base_alone(satrun, tmp_path: Path) -> None:

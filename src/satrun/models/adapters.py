@@ -149,6 +149,22 @@ def load_adapters(model: torch.nn.Module, folder: Path) -> None:
         raise UsageError(f"{folder}: adapter weights do not match the model (unexpected {result.unexpected_keys[:3]})")
 
 
+def is_adapter_folder(folder: Path) -> bool:
+    """A folder of adapters in peft's format (adapter_config.json beside the weights)."""
+    return (folder / "adapter_config.json").is_file()
+
+
+def load_adapted(folder: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """The tokenizer and the model of an adapter folder: the base model its adapter_config.json
+    names, with the adapters applied (peft's AutoPeftModelForCausalLM), in fp32."""
+    from peft import AutoPeftModelForCausalLM, PeftConfig
+    from transformers import AutoTokenizer
+
+    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return AutoTokenizer.from_pretrained(base), model
+
+
 def save_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """The base model with the adapters folded into its weights, as a plain Hugging Face folder
     (from a copy: the model keeps training, sampling or generating with its adapters)."""
