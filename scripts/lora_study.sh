@@ -7,8 +7,9 @@
 # SFT (chatterbot, packed into rows of 256 tokens, 40 steps of 4 rows, held-out answer loss on
 # all held-out chats every 10 steps):
 #   lora-sft-dense40      dense LoRA, 40 steps
-#   lora-sft-sat40        SAT-LoRA, the default (the SFT calibration: MLP channels omitted for the
-#                         unlabelled tokens, rate 0.7 in layers 4-29, 90% of the steps)
+#   lora-sft-sat40        SAT-LoRA, the default (its SFT calibration: MLP channels omitted for the
+#                         unlabelled tokens, rate 0.75 in layers 4-29, 90% of the steps)
+#   lora-sft-sat40-u07    full fine-tuning's SFT calibration (rate 0.7 in layers 4-29)
 #   lora-sft-denseN       dense LoRA with its own full schedule for N = round(40 x lora-sft-sat40's
 #                         train_flops / lora-sft-dense40's) steps: the same training FLOPs
 #   the same three with seed 1 (-s1)
@@ -37,15 +38,16 @@ for seed in 1234 1; do
     tag=$([ "$seed" = 1234 ] && echo "" || echo "-s$seed")
     run "lora-sft-dense40$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense
     run "lora-sft-sat40$tag" "${SFT[@]}" trainer.seed=$seed
+    run "lora-sft-sat40-u07$tag" "${SFT[@]}" trainer.seed=$seed calibration=smollm2-135m_sft_ladder_none
     if [ -f "$OUT/lora-sft-sat40$tag/summary.json" ] && [ -f "$OUT/lora-sft-dense40$tag/summary.json" ]; then
         NS=$(same_flops "$OUT/lora-sft-sat40$tag" "$OUT/lora-sft-dense40$tag")
         run "lora-sft-dense$NS$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$NS"
     fi
 done
 
-# other SAT-LoRA schedules of at most 75% of the FLOPs (seed 1234): rate 0.75 in layers 4-29; rate 0.7 for 95% of the steps
-run lora-sft-sat40-u075 "${SFT[@]}" scheduler.rate=0.65
-run lora-sft-sat40-f095 "${SFT[@]}" scheduler.sparse_fraction=0.95 scheduler.dense_fraction=0.05
+# another SAT-LoRA schedule of at most 75% of the FLOPs (seed 1234): rate 0.7 for 95% of the steps
+run lora-sft-sat40-f095 "${SFT[@]}" calibration=smollm2-135m_sft_ladder_none scheduler.sparse_fraction=0.95 \
+    scheduler.dense_fraction=0.05
 
 run lora-cpt-dense150 "${CPT[@]}" scheduler=dense
 run lora-cpt-sat150 "${CPT[@]}"
@@ -66,8 +68,8 @@ for tag in "" -s1; do  # dense LoRA 40 first: the FLOPs are fractions of its own
         name=${d##*/}
         [[ $name =~ ^lora-sft-dense([0-9]+)$tag$ ]] && [ "${BASH_REMATCH[1]}" != 40 ] && runs+=("dense LoRA ${BASH_REMATCH[1]}=$d")
     done
-    runs+=("SAT-LoRA default=$OUT/lora-sft-sat40$tag")
-    [ -z "$tag" ] && runs+=("SAT-LoRA rate 0.75=$OUT/lora-sft-sat40-u075" "SAT-LoRA 95% sparse=$OUT/lora-sft-sat40-f095")
+    runs+=("SAT-LoRA default (0.75, layers 4-29)=$OUT/lora-sft-sat40$tag" "SAT-LoRA 0.7, layers 4-29=$OUT/lora-sft-sat40-u07$tag")
+    [ -z "$tag" ] && runs+=("SAT-LoRA 0.7, 95% of the steps=$OUT/lora-sft-sat40-f095")
     report "$OUT/sft$tag" --bench bench-sft "${runs[@]}"
 done
 report "$OUT/cpt" --bench bench-cpt "dense LoRA 150=$OUT/lora-cpt-dense150" "SAT-LoRA default 150=$OUT/lora-cpt-sat150" \

@@ -22,7 +22,7 @@ DEFAULTS = {
     for entry in yaml.safe_load((CONF / "train.yaml").read_text(encoding="utf-8"))["defaults"]
     if isinstance(entry, dict)
     for k, v in entry.items()
-}  # calibration: ${model}_${mode}_${scheduler} (the chosen model's calibration file for the mode and schedule, where it has one)
+}  # calibration: ${model}_${mode}_${scheduler}_${adapter} (the chosen model's calibration file for the mode, schedule and adapter, where it has one)
 NAMED = {"model": ModelConfig, "data": DataConfig, "mode": ModeConfig}  # groups whose option sets `name`
 
 
@@ -54,10 +54,11 @@ def test_options_are_discovered():
     assert set(DEFAULTS) == groups
     assert all((g, o) in OPTIONS for g, o in DEFAULTS.items() if g != "calibration")
     # a model's measured rates for the chosen schedule, where they exist (dense has none)
-    assert DEFAULTS["calibration"] == "${model}_${mode}_${scheduler}"
+    assert DEFAULTS["calibration"] == "${model}_${mode}_${scheduler}_${adapter}"
     for mode in ("cpt", "sft"):
-        assert ("calibration", f"{DEFAULTS['model']}_{mode}_{DEFAULTS['scheduler']}") in OPTIONS
-        assert ("calibration", f"{DEFAULTS['model']}_{mode}_dense") not in OPTIONS
+        for adapter in ("none", "lora"):
+            assert ("calibration", f"{DEFAULTS['model']}_{mode}_{DEFAULTS['scheduler']}_{adapter}") in OPTIONS
+            assert ("calibration", f"{DEFAULTS['model']}_{mode}_dense_{adapter}") not in OPTIONS
 
 
 def test_default_config_composes(compose):
@@ -84,8 +85,10 @@ def test_every_option_composes(compose, group, option):
     # global-package option sets in other groups are checked by the dedicated tests below.)
     text = (CONF / group / f"{option}.yaml").read_text(encoding="utf-8")
     file_values = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
-    if group == "calibration":  # `# @package scheduler`: a model's scheduler values
-        group, file_values = "scheduler", {"scheduler": file_values}
+    if group == "calibration":  # `# @package scheduler`: a model's scheduler values, or those of the ones it includes
+        included = [OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"))
+                    for name in file_values.pop("defaults", []) if name != "_self_"]
+        group, file_values = "scheduler", {"scheduler": {k: v for d in [*included, file_values] for k, v in d.items()}}
     elif "@package _global_" not in text:
         file_values = {group: file_values}
     composed = OmegaConf.to_container(OmegaConf.structured(cfg))
@@ -263,3 +266,13 @@ def test_lora_sets_its_own_learning_rate_in_either_mode_and_an_override_wins(com
     lora, full = from_dict(compose(f"mode={mode}", "adapter=lora")), from_dict(compose(f"mode={mode}"))
     assert lora.optim.lr == lora_file["optim"]["lr"] > full.optim.lr and lora.adapter.r == lora_file["adapter"]["r"]
     assert from_dict(compose(f"mode={mode}", "adapter=lora", "optim.lr=1e-4")).optim.lr == 1e-4
+
+
+def test_lora_sft_takes_its_own_calibration_and_lora_cpt_full_fine_tunings(compose):
+    def rates(*overrides):  # type: ignore[no-untyped-def]
+        s = from_dict(compose(*overrides)).scheduler
+        return s.rate, list(s.layer_scale or [])
+
+    own = OmegaConf.to_container(OmegaConf.load(CONF / "calibration" / "smollm2-135m_sft_ladder_lora.yaml"))
+    assert rates("mode=sft", "adapter=lora") == (own["rate"], own["layer_scale"]) != rates("mode=sft")
+    assert rates("adapter=lora") == rates() and rates("adapter=lora", "scheduler=constant") == rates("scheduler=constant")

@@ -462,7 +462,7 @@ def _sat_overrides(cfg: TrainConfig) -> str:
 
 def _write_calibration(cfg: TrainConfig, layer_rates: list[float], path: Path) -> Path:
     """A calibration config file: the mean MLP rate and each layer's share of it, for the
-    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>_<mode>_<scheduler>.yaml)."""
+    scheduler (``calibration=<file name>``; the packaged ones are conf/calibration/<model>_<mode>_<scheduler>_<adapter>.yaml)."""
     mean = sum(layer_rates) / len(layer_rates)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# @package scheduler",

@@ -41,7 +41,7 @@ def test_readme_command_composes(args: list[str], tmp_path: Path, monkeypatch: p
     monkeypatch.chdir(tmp_path)
     probe = tmp_path / "outputs" / "probes" / "<time>" / "conf" / "calibration"  # what satrun probe writes
     probe.mkdir(parents=True)
-    shutil.copy(config_dir() / "calibration" / "smollm2-135m_cpt_ladder.yaml", probe / "calibrated.yaml")
+    shutil.copy(config_dir() / "calibration" / "smollm2-135m_cpt_ladder_none.yaml", probe / "calibrated.yaml")
     if args[0] == "report":
         assert main(["report", "--help"]) == 0
         return

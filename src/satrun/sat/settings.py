@@ -49,7 +49,7 @@ class SchedulerConfig:
     ``layer_scale`` spreads the MLP rate over the decoder layers: layer l omits
     ``rate * layer_scale[l]`` (one value per layer, mean 1 keeps ``rate`` the mean rate; 0 keeps
     a layer dense); ladder rungs scale every layer alike. ``satrun probe`` calibrates it from
-    measured sensitivities; conf/calibration/<model>_<mode>_<scheduler>.yaml holds a model's calibration.
+    measured sensitivities; conf/calibration/<model>_<mode>_<scheduler>_<adapter>.yaml holds a model's calibration.
 
     ``tokens=unlabelled`` omits neurons only for the tokens that carry no loss (in SFT the
     prompts, the template and padding); the tokens that carry one run the full layers.
