@@ -14,8 +14,8 @@
 #                         train_flops / lora-sft-dense40's) steps: the same training FLOPs
 #   the same three with seed 1 (-s1)
 # Screens of the learning rate (dense LoRA, 40 steps, only with ONLY=screens): screens-lora-sft-dense40-lrX.
-# CPT (World English Bible, 150 steps of 4 x 256 tokens, held-out loss at start and end):
-#   lora-cpt-dense150, lora-cpt-sat150 (the CPT calibration), lora-cpt-denseN (its FLOPs)
+# CPT (World English Bible, 100 steps of 4 x 256 tokens, held-out loss at start and end):
+#   lora-cpt-dense100, lora-cpt-sat100 (the CPT calibration), lora-cpt-denseN (its FLOPs)
 # Then `satrun bench` (run alone) of dense LoRA and SAT-LoRA, with bench.profile: SFT at the
 # default's rate, and CPT at the bench's rates.
 #
@@ -28,7 +28,7 @@ OUT=${OUT:-outputs/lora-study}
 source scripts/study_common.sh
 
 SFT=(mode=sft data=chatterbot adapter=lora trainer.max_steps=40 trainer.eval_every=10 trainer.eval_batches=0 trainer.progress=log)
-CPT=(adapter=lora trainer.max_steps=150 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log)
+CPT=(adapter=lora trainer.max_steps=100 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log)
 
 for lr in 2e-4 6e-4 1.5e-3 3e-3; do  # selected by ONLY=screens only
     [[ " $ONLY " == *" screens "* ]] && run "screens-lora-sft-dense40-lr$lr" "${SFT[@]}" scheduler=dense optim.lr=$lr
@@ -49,10 +49,10 @@ done
 run lora-sft-sat40-f095 "${SFT[@]}" calibration=smollm2-135m_sft_ladder_none scheduler.sparse_fraction=0.95 \
     scheduler.dense_fraction=0.05
 
-run lora-cpt-dense150 "${CPT[@]}" scheduler=dense
-run lora-cpt-sat150 "${CPT[@]}"
-if [ -f "$OUT/lora-cpt-sat150/summary.json" ] && [ -f "$OUT/lora-cpt-dense150/summary.json" ]; then
-    NC=$(same_flops "$OUT/lora-cpt-sat150" "$OUT/lora-cpt-dense150")
+run lora-cpt-dense100 "${CPT[@]}" scheduler=dense
+run lora-cpt-sat100 "${CPT[@]}"
+if [ -f "$OUT/lora-cpt-sat100/summary.json" ] && [ -f "$OUT/lora-cpt-dense100/summary.json" ]; then
+    NC=$(same_flops "$OUT/lora-cpt-sat100" "$OUT/lora-cpt-dense100")
     run "lora-cpt-dense$NC" "${CPT[@]}" scheduler=dense trainer.max_steps="$NC"
 fi
 
@@ -72,5 +72,5 @@ for tag in "" -s1; do  # dense LoRA 40 first: the FLOPs are fractions of its own
     [ -z "$tag" ] && runs+=("SAT-LoRA 0.7, 95% of the steps=$OUT/lora-sft-sat40-f095")
     report "$OUT/sft$tag" --bench bench-sft "${runs[@]}"
 done
-report "$OUT/cpt" --bench bench-cpt "dense LoRA 150=$OUT/lora-cpt-dense150" "SAT-LoRA default 150=$OUT/lora-cpt-sat150" \
+report "$OUT/cpt" --bench bench-cpt "dense LoRA 100=$OUT/lora-cpt-dense100" "SAT-LoRA default 100=$OUT/lora-cpt-sat100" \
     ${NC:+"dense LoRA $NC=$OUT/lora-cpt-dense$NC"}
