@@ -100,10 +100,13 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    # the timer starts once the entry point is imported (as the console script has it), so that
+    # on a loaded machine the signal still lands in satrun's start-up, not in this script's import
     code = ("import signal, threading, os\n"
-            "threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
             "import sys; sys.argv = ['satrun', 'train', 'model=tiny']\n"
-            "from satrun.cli.main import entry; entry()\n")
+            "from satrun.cli.main import entry\n"
+            "threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+            "entry()\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if k != "SATRUN_DEBUG"})
     lines = [line for line in result.stderr.splitlines() if line.strip()]
