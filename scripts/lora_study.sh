@@ -19,7 +19,7 @@
 # Then `satrun bench` (run alone) of dense LoRA and SAT-LoRA, with bench.profile: SFT at the
 # default's rate, and CPT at the bench's rates.
 #
-#   scripts/lora_study.sh                  # into outputs/lora-study (about 90 min)
+#   scripts/lora_study.sh                  # into outputs/lora-study (about 80 min)
 #   ONLY=sft scripts/lora_study.sh         # the SFT runs alone (groups: sft, cpt, bench, screens)
 set -euo pipefail
 cd "$(dirname "$0")/.."
