@@ -67,8 +67,7 @@ def add_adapters(model: PreTrainedModel, cfg: AdapterConfig, base: Optional[str]
     if base is not None:  # peft takes the model's own name_or_path, which a random model lacks
         adapted.peft_config["default"].base_model_name_or_path = base
     if seed is not None and not any(p.is_meta for p in adapted.parameters()):
-        for _ in _seeded_layers(adapted, seed):
-            pass
+        initial_adapter_state(adapted, seed)  # re-initialises the real adapters in place
     return adapted
 
 
@@ -168,9 +167,8 @@ def load_adapted(folder: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module
 def save_merged(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """The base model with the adapters folded into its weights, as a plain Hugging Face folder
     (from a copy: the model keeps training, sampling or generating with its adapters)."""
-    from satrun.training.saving import write_hf_folder
-
     from satrun.training import distributed
+    from satrun.training.saving import write_hf_folder
 
     if distributed.is_sharded(model):  # peft merges whole tensors in place; here each rank merges its rows
         write_hf_folder(model.get_base_model(), tokenizer, folder, state=merged_weights(model))
