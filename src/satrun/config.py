@@ -113,6 +113,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     sample_every: int = 0  # every N steps and at the end, the model continues generate.prompt(s) into samples.jsonl (0: never)
+    benchmark_every: int = 0  # every N steps and at the end, the dense model is scored on eval.tasks ("benchmark" records; 0: never)
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16 | tf32 (fp32, TF32 matmuls; CUDA)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     peak_flops: Optional[float] = None  # per device, FLOP/s, for the model FLOP utilisation (mfu) in records, summary and bench; null: listed GPUs' bf16 peak
@@ -156,6 +157,19 @@ class GenerateConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What `satrun eval` (and trainer.benchmark_every) scores with lm-evaluation-harness."""
+
+    run: Optional[str] = None  # a run folder (its final/, else its newest checkpoint), a final/, checkpoint or adapter folder; None: the configured model
+    tasks: list[str] = field(default_factory=lambda: ["bible_cloze", "chatterbot_mc"])  # harness task or group names, e.g. eval.tasks=[arc_easy,hellaswag]
+    limit: Optional[float] = None  # examples per task at most (below 1: a share of them); None: all
+    num_fewshot: Optional[int] = None  # examples shown before each question; None: each task's own setting (0 for satrun's tasks)
+    batch_size: int = 8  # sequences per forward
+    include_path: list[str] = field(default_factory=list)  # folders of the user's own task YAML files, searched before the harness's tasks
+    chat_template: bool = False  # render each question through the tokenizer's chat template (for chat-tuned models)
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -170,6 +184,7 @@ class TrainConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     resume: Optional[str] = None  # auto: the newest checkpoint of the run folder; or a checkpoint / run folder
@@ -237,6 +252,7 @@ def validate(cfg: TrainConfig) -> None:
         "trainer.keep_checkpoints": t.keep_checkpoints,
         "trainer.max_skips": t.max_skips,
         "trainer.sample_every": t.sample_every,
+        "trainer.benchmark_every": t.benchmark_every,
         "optim.warmup_steps": o.warmup_steps,
         "optim.grad_clip": o.grad_clip,
         "optim.weight_decay": o.weight_decay,
@@ -271,6 +287,11 @@ def validate(cfg: TrainConfig) -> None:
     if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.chat not in ("auto", "on", "off"):
         raise UsageError("generate.max_new_tokens must be at least 1, generate.temperature non-negative, "
                          "generate.top_p in (0, 1], generate.chat one of: auto, on, off")
+    e = cfg.eval
+    if e.batch_size < 1 or (e.limit is not None and e.limit <= 0) or (e.num_fewshot is not None and e.num_fewshot < 0) \
+            or not e.tasks or not all(isinstance(name, str) and name.strip() for name in e.tasks):
+        raise UsageError("eval.tasks must name one task at least, eval.batch_size be at least 1, eval.limit positive "
+                         "and eval.num_fewshot non-negative")
     _refuse_ignored(cfg)
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")

@@ -88,6 +88,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     keep_through = resume["run"]["step"] if resume else None
     logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
     samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
+    benchmark = _benchmark(cfg, model, tokenizer, world.size) if cfg.trainer.benchmark_every else None
 
     def write_model(folder: Path) -> None:  # checkpoints: with adapters, only they (the base is the model's own)
         if is_adapted(model):
@@ -108,7 +109,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model, save_final=write_final,
                         hooks=[samples, sparsity] if samples else [sparsity], resume=resume, logger=logger, fill=fill,
                         settings=settings, launched=started, batch_hooks=token_rows_hooks(sparsity.sparsifier),
-                        flops=StepFlopCounter(cfg, model, sparsity))
+                        flops=StepFlopCounter(cfg, model, sparsity), benchmark=benchmark)
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
@@ -170,6 +171,25 @@ class Samples:
 
     def close(self) -> None:
         self.records.close()
+
+
+def _benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: int) -> Callable[[], dict[str, float]]:
+    """``trainer.benchmark_every``: the eval.* benchmarks of the model as it stands (dense: the
+    harness scores it in eval mode), as ``task/metric`` scores. Unknown tasks fail here, before
+    training. One process only, as for samples: FSDP2's forwards would need every rank."""
+    from satrun import evaluation
+
+    if ranks > 1:
+        raise UsageError(f"trainer.benchmark_every={cfg.trainer.benchmark_every} works in one process, not {ranks} ranks; "
+                         "score the run's final/ model with satrun eval instead")
+    manager = evaluation.task_manager(cfg.eval)
+
+    def scores() -> dict[str, float]:
+        device = next(model.parameters()).device
+        amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+        return evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp, manager, progress=False))
+
+    return scores
 
 
 def _finished_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
@@ -369,25 +389,11 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     """Text from a trained (or any configured) model for each prompt, streamed to the terminal
     and written to generations.jsonl."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     g = cfg.generate
     prompts = _prompts(g.prompt, g.prompt_file)
-    folder = _weights_to_generate_with(g.run)
     set_seed(cfg.trainer.seed)
     device = runtime.resolve_device(cfg.trainer.device)
-    if folder is None:
-        tokenizer, model = load_tokenizer(cfg.model), None
-        model = load_model(cfg.model, tokenizer)
-    else:
-        try:
-            if is_adapter_folder(folder):  # the base its config names, with the adapters (peft)
-                tokenizer, model = load_adapted(folder)
-            else:
-                tokenizer = AutoTokenizer.from_pretrained(folder)
-                model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"generate.run={g.run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
+    folder, tokenizer, model = _inference_model(cfg, g.run, "generate.run")
     model.to(device)
     chat = uses_chat(g, tokenizer)
     amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
@@ -396,6 +402,52 @@ def run_generate(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     out_file.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
     print(f"\ngenerations written to {out_file} (model: {folder or cfg.model.name}, {describe(g, chat)})")
     return results
+
+
+def run_eval(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
+    """Benchmarks of a trained (or any configured) model through lm-evaluation-harness: the
+    harness's results in eval.json, its table on the terminal and in eval.md."""
+    from lm_eval.utils import handle_non_serializable
+
+    from satrun import evaluation
+
+    e = cfg.eval
+    manager = evaluation.task_manager(e)  # an unknown task fails before any weights load
+    set_seed(cfg.trainer.seed)
+    device = runtime.resolve_device(cfg.trainer.device)
+    folder, tokenizer, model = _inference_model(cfg, e.run, "eval.run")
+    model.to(device)
+    amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+    results = evaluation.evaluate(model, tokenizer, e, cfg.trainer.seed, amp, manager)
+    results["satrun"] = {"model": str(folder or cfg.model.name), "scores": evaluation.scores(results)}
+    text = evaluation.table(results)
+    staging = run_dir / "eval.json.tmp"  # complete or absent
+    staging.write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n", encoding="utf-8")
+    staging.replace(run_dir / "eval.json")
+    (run_dir / "eval.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"results written to {run_dir / 'eval.json'} (model: {folder or cfg.model.name})")
+    return results
+
+
+def _inference_model(cfg: TrainConfig, run: str | None, key: str) -> tuple[Path | None, Any, Any]:
+    """(folder, tokenizer, model in float32 on the CPU) for generate and eval: the weights
+    ``run`` names (see :func:`_weights_from`), else the configured model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _weights_from(run, key)
+    if folder is None:
+        tokenizer = load_tokenizer(cfg.model)
+        return None, tokenizer, load_model(cfg.model, tokenizer)
+    try:
+        if is_adapter_folder(folder):  # the base its config names, with the adapters (peft)
+            tokenizer, model = load_adapted(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{key}={run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
+    return folder, tokenizer, model
 
 
 def _prompts(prompt: list[str], prompt_file: str | None) -> list[str]:
@@ -412,7 +464,7 @@ def _prompts(prompt: list[str], prompt_file: str | None) -> list[str]:
     return lines
 
 
-def _weights_to_generate_with(run: str | None) -> Path | None:
+def _weights_from(run: str | None, key: str) -> Path | None:
     """A Hugging Face folder from generate.run: a run folder's final/ (else its newest
     checkpoint), or the folder given; a LoRA checkpoint's or the folder's adapter (peft's
     format, applied to the base it names); None for the configured model."""
@@ -424,14 +476,14 @@ def _weights_to_generate_with(run: str | None) -> Path | None:
     if not (path / "config.json").is_file() and not is_adapter_folder(path):
         found = checkpoint.checkpoints_in(path / "checkpoints") or checkpoint.checkpoints_in(path)
         if not found and not (path / checkpoint.STATE_FILE).is_file():
-            raise UsageError(f"generate.run={run}: no final/ model, checkpoint or Hugging Face folder there")
+            raise UsageError(f"{key}={run}: no final/ model, checkpoint or Hugging Face folder there")
         path = found[-1] if found else path
     if (path / checkpoint.SHARDS).is_dir():
-        raise UsageError(f"generate.run={run}: {path} holds FSDP2 shards, not a model folder; use the run's final/")
+        raise UsageError(f"{key}={run}: {path} holds FSDP2 shards, not a model folder; use the run's final/")
     if not (path / "config.json").is_file() and is_adapter_folder(path / ADAPTER_FOLDER):
         path = path / ADAPTER_FOLDER  # a LoRA run's checkpoint: its adapters
     if not (path / "config.json").is_file() and not is_adapter_folder(path):
-        raise UsageError(f"generate.run={run}: {path} is not a Hugging Face model folder")
+        raise UsageError(f"{key}={run}: {path} is not a Hugging Face model folder")
     return path
 
 

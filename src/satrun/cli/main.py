@@ -40,8 +40,11 @@ COMMANDS: dict[str, tuple[str, Callable]] = {
     "bench": ("time dense and SAT training steps side by side on real batches", _task("run_benchmark")),
     "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("run_probe")),
     "generate": ("text from a trained run's model (generate.run=<run folder>) or any configured model", _task("run_generate")),
+    "eval": ("benchmarks (lm-evaluation-harness tasks) of a trained run's model (eval.run=<run folder>) or any configured model",
+             _task("run_eval")),
 }
-RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes", "generate": "outputs/generations"}
+RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes", "generate": "outputs/generations",
+            "eval": "outputs/evals"}
 # Each command's --help: (what it does, examples); the keys listed below them are train's, all of
 # which the command reads (conf/train.yaml's hydra.help resolves ${satrun_help:...} from here).
 HELP = {
@@ -70,6 +73,12 @@ HELP = {
                  "outputs/generations/<time>).",
                  ["satrun generate generate.run=outputs/cpt-1 generate.prompt='[What is SAT?]'",
                   "satrun generate mode=sft generate.prompt_file=prompts.txt generate.temperature=0.7"]),
+    "eval": ("scores a run's final/ model, checkpoint or adapters (eval.run) or the configured model on "
+             "lm-evaluation-harness tasks (eval.tasks; satrun's offline bible_cloze and chatterbot_mc by default, "
+             "any harness task where the hub is reachable, your own with eval.include_path), in process; writes "
+             "eval.json (the harness's results) and eval.md (default folder outputs/evals/<time>).",
+             ["satrun eval eval.run=outputs/cpt-1 eval.tasks=[bible_cloze] eval.limit=100",
+              "satrun eval model=llama2-7b model.path=/models/Llama-2-7b-hf eval.tasks=[mmlu,arc_easy,hellaswag]"]),
 }
 REPORT_USAGE = "usage: satrun report PATH... [--out DIR] (run folders or sweep folders)"
 REPORT_HELP = f"""{REPORT_USAGE}

@@ -121,6 +121,10 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("tokens/s", f"{summary['tokens_per_s']:.0f}"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
     ]
+    start = summary.get("initial_benchmark") or {}
+    for name, value in (summary.get("benchmark") or {}).items():
+        rows.append((f"benchmark {name}" + (" (start -> end)" if name in start else ""),
+                     f"{start[name]:.4f} -> {value:.4f}" if name in start else f"{value:.4f}"))
     if summary.get("peak_mem_bytes"):
         rows.append(("peak memory", f"{summary['peak_mem_bytes'] / 2**30:.2f} GiB"))
     rows.append(("final model", str(summary["final_dir"])))

@@ -31,6 +31,7 @@ Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
 BatchHook = Callable[[Batch], None]  # called with each micro-batch before its forward
 StepFlops = Callable[[Sequence[Batch]], float]  # training FLOPs of a step's micro-batches (host batches)
+Benchmark = Callable[[], dict[str, float]]  # scores of the model as it stands, by name (e.g. "task/acc")
 
 
 def train_step(
@@ -113,6 +114,7 @@ class RunState:
     wall_s: float = 0.0  # wall-clock time of the launches so far, each up to its last checkpoint
     train_loss: float = float("nan")
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    benchmark_history: list[dict[str, Any]] = field(default_factory=list)  # "benchmark" records so far
     step_log: list[tuple[str, float, int]] = field(default_factory=list)  # (stage, seconds, tokens) per step
     stage_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient)
@@ -149,6 +151,7 @@ def train(
     batch_hooks: Sequence[BatchHook] = (),
     flops: Optional[StepFlops] = None,
     save_final: Optional[Callable[[Path], Any]] = None,
+    benchmark: Optional[Benchmark] = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
@@ -165,8 +168,9 @@ def train(
     per-stage report. Each of ``batch_hooks`` is called with every micro-batch before its
     forward. ``flops(host_batches)``, given a step's micro-batches before they go to the
     device, says its training FLOPs on this rank: records carry them (``flops``, and
-    ``train_flops`` so far), as does the summary. Records go to ``logger`` (default:
-    ``run_dir/metrics.jsonl``).
+    ``train_flops`` so far), as does the summary. ``benchmark()`` scores the model at the start,
+    every ``trainer.benchmark_every`` steps and at the end: ``benchmark`` records, and the last
+    scores in the summary. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
     ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
     caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
     default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
@@ -186,7 +190,8 @@ def train(
     run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
               runtime.autocast(device, dtype), device, world.size, save_model, settings or {},
               launched if launched is not None else time.perf_counter(),
-              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype), save_final=save_final or save_model)
+              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype), save_final=save_final or save_model,
+              benchmark=benchmark)
     if resume is not None:
         run.restore(resume)
     state = run.state
@@ -194,6 +199,7 @@ def train(
         with _stop_requests() as stop:
             if resume is None:
                 run.evaluate()
+                run.benchmark_model()
             display.start(trainer.max_steps, state.step)
             while state.step < trainer.max_steps:
                 fields = run.begin_step(hooks)
@@ -214,6 +220,8 @@ def train(
                     run.log()
                 if trainer.eval_every and state.step % trainer.eval_every == 0 and not last:
                     run.evaluate()
+                if trainer.benchmark_every and state.step % trainer.benchmark_every == 0 and not last:
+                    run.benchmark_model()
                 if distributed.any_rank(bool(stop), device) and not last:
                     run.stop(stop[0] if stop else signal.SIGTERM)  # SIGTERM: a rank the signal did not reach
                 if trainer.save_every and state.step % trainer.save_every == 0 and not last:
@@ -272,6 +280,7 @@ class Run:
     launched: float
     peak_flops: Optional[float] = None  # per device: records and the summary then carry the model FLOP utilisation
     save_final: Optional[Callable[[Path], Any]] = None  # writes final/ (default: save_model)
+    benchmark: Optional[Benchmark] = None  # scores the model: benchmark records
     state: RunState = field(default_factory=RunState)
     interval: Interval = field(init=False)
     last_checkpoint: Optional[Path] = None
@@ -301,6 +310,17 @@ class Run:
         self.logger.log(record)
         self.display.eval(record)
         self.state.eval_history.append(record)
+
+    def benchmark_model(self) -> None:
+        """A ``benchmark`` record of the model as it stands (none without a benchmark)."""
+        if self.benchmark is None:
+            return
+        record = {"kind": "benchmark", "step": self.state.step, **self.benchmark()}
+        distributed.reshard(self.objective)
+        self.logger.log(record)
+        self.display.message(f"benchmark step {record['step']}: "
+                             + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step")))
+        self.state.benchmark_history.append(record)
 
     def begin_step(self, hooks: Sequence[StepHook]) -> dict[str, Any]:
         """The hooks' fields for this step's record; a record never spans two stages."""
@@ -391,6 +411,9 @@ class Run:
         """The last evaluation and, with ``trainer.save_every``, the last step's checkpoint (a
         resume from that checkpoint has both), then ``final/``. A checkpoint the disk has no
         room for is a warning here: ``final/``, a third of its size, may still fit."""
+        history = self.state.benchmark_history
+        if self.benchmark is not None and not (history and history[-1]["step"] == self.state.step):
+            self.benchmark_model()
         if not self.evaluated_last():
             self.evaluate()
             if self.trainer.save_every:
@@ -443,6 +466,8 @@ class Run:
             "initial_eval_loss": state.eval_history[0]["eval_loss"],
             "eval_loss": state.eval_history[-1]["eval_loss"],
             "eval_ppl": state.eval_history[-1]["eval_ppl"],
+            **({"initial_benchmark": _scores(state.benchmark_history[0]), "benchmark": _scores(state.benchmark_history[-1])}
+               if state.benchmark_history else {}),
             "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
             "train_s": state.train_s,
             **self.utilisation(state.train_flops, state.train_s),
@@ -475,6 +500,10 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _scores(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in ("kind", "step")}
 
 
 def _newest(run_dir: Path) -> Optional[Path]:

