@@ -187,7 +187,8 @@ def _benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: 
     def scores() -> dict[str, float]:
         device = next(model.parameters()).device
         amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
-        return evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp, manager, progress=False))
+        return evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp, manager, progress=False,
+                                                     stderr=False))
 
     return scores
 

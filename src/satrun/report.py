@@ -1,8 +1,9 @@
 """Compare finished runs: a CSV row per run, loss curves, and tokens/s against the omission rate.
 
 Works from the run folders alone (``.hydra/`` for the overrides and config, ``summary.json`` or
-``error.txt`` for the outcome, ``metrics.jsonl`` for the curves), so a sweep's summary can be
-rebuilt at any time with ``satrun report``.
+``error.txt`` for the outcome, ``metrics.jsonl`` for the curves, benchmark scores from the
+summary or a ``satrun eval`` folder's eval.json), so a sweep's summary can be rebuilt at any
+time with ``satrun report``.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import yaml
 from satrun.errors import UsageError
 
 ERROR_FILE = "error.txt"  # a failed job's one-line reason, written by the CLI
+EVAL_FILE = "eval.json"  # satrun eval's results
+BENCHMARK = "benchmark:"  # the prefix of benchmark score columns
 COLUMNS = ["job", "status", "overrides", "rate", "steps", "train_loss", "initial_eval_loss", "eval_loss",
            "tokens_per_s", "wall_s", "error", "run_dir"]
 
 
 def is_run(folder: Path) -> bool:
-    return (folder / ".hydra").is_dir() or (folder / "metrics.jsonl").is_file()
+    return (folder / ".hydra").is_dir() or (folder / "metrics.jsonl").is_file() or (folder / EVAL_FILE).is_file()
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -67,7 +70,20 @@ def summarize(run: Path) -> dict[str, Any]:
         row.update({k: summary.get(k) for k in ("steps", "train_loss", "initial_eval_loss", "eval_loss", "tokens_per_s", "wall_s")})
         for stage in summary.get("stages", []):
             row[f"tokens_per_s[{stage['name']}]"] = stage["tokens_per_s"]
+    row.update(benchmark_scores(run, summary))
+    if not summary and not error and any(k.startswith(BENCHMARK) for k in row):
+        row["status"] = "ok"  # a satrun eval folder
     return row
+
+
+def benchmark_scores(run: Path, summary: Any) -> dict[str, float]:
+    """``benchmark:task/metric`` columns: the run's last benchmark (trainer.benchmark_every),
+    and the scores of an eval.json in the folder (satrun eval)."""
+    scores = dict((summary or {}).get("benchmark") or {})
+    evaluated = _read_json(run / EVAL_FILE)
+    if isinstance(evaluated, dict):
+        scores.update((evaluated.get("satrun") or {}).get("scores") or {})
+    return {f"{BENCHMARK}{name}": value for name, value in scores.items()}
 
 
 def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
@@ -80,8 +96,9 @@ def curves(run: Path) -> dict[str, list[tuple[int, float]]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a kill mid-write (training itself skips it too)
-            key = "loss" if record["kind"] == "train" else "eval_loss"
-            found[record["kind"]].append((record["step"], record[key]))
+            if record.get("kind") in found:  # benchmark records are not loss curves
+                key = "loss" if record["kind"] == "train" else "eval_loss"
+                found[record["kind"]].append((record["step"], record[key]))
     return found
 
 
@@ -92,9 +109,10 @@ def write_report(runs: Sequence[Path], out_dir: Path) -> tuple[list[dict[str, An
     rows = [summarize(run) for run in runs]
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_columns = sorted({k for row in rows for k in row if k.startswith("tokens_per_s[")})
+    extra_columns = stage_columns + sorted({k for row in rows for k in row if k.startswith(BENCHMARK)})
     table = out_dir / "sweep_summary.csv"
     with table.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS + stage_columns, restval="")
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS + extra_columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
     labels = distinct_labels(rows)

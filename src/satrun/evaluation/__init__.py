@@ -59,10 +59,11 @@ def local_tasks() -> list[str]:
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, e: EvalConfig, seed: int, amp: Any = None,
-             manager: Any = None, progress: bool = True) -> dict[str, Any]:
+             manager: Any = None, progress: bool = True, stderr: bool = True) -> dict[str, Any]:
     """The harness's results (its own structure: ``results``, ``configs``, ``versions``,
     ``n-shot``, ...) for ``model`` in eval mode (SAT's sparse steps are training-mode only, so
-    the dense model is scored), its training mode restored after."""
+    the dense model is scored), its training mode restored after. ``stderr``: the harness's
+    standard errors too (analytic for means, bootstrapped for other aggregates)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -75,7 +76,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, e: EvalConfig, seed: int, a
             results = simple_evaluate(
                 model=lm, tasks=list(e.tasks), num_fewshot=e.num_fewshot, limit=e.limit, task_manager=manager,
                 log_samples=False, apply_chat_template=e.chat_template, random_seed=seed, numpy_random_seed=seed,
-                torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0,
+                torch_random_seed=seed, fewshot_random_seed=seed, **({} if stderr else {"bootstrap_iters": 0}),
             )
     finally:
         model.train(was_training)

@@ -1,6 +1,6 @@
 """Where train and eval records go: metrics.jsonl always, plus TensorBoard or Weights & Biases.
 
-A logger takes the loop's records (flat dicts with ``kind`` "train" or "eval" and ``step``) and
+A logger takes the loop's records (flat dicts with ``kind`` "train", "eval" or "benchmark" and ``step``) and
 is closed at the end. Numeric fields become scalars named ``<kind>/<field>``.
 """
 

@@ -7,6 +7,7 @@ choice are the same on every machine (a fixed seed)."""
 from __future__ import annotations
 
 import bisect
+import collections
 import random
 from typing import Any
 
@@ -18,16 +19,16 @@ BIBLE_QUESTIONS = 1000
 NEIGHBOURS = 20  # distractors come from the 2 x NEIGHBOURS texts of the pool nearest the answer in length
 
 
-def _choices(right: str, pool: list[str], rng: random.Random) -> tuple[list[str], int]:
+def _choices(right: str, pool: list[str], rng: random.Random, also_right: frozenset = frozenset()) -> tuple[list[str], int]:
     """``right`` among CHOICES - 1 distinct others of about its length, drawn from ``pool``
-    (sorted by length), at a random place. Like lengths keep the unnormalised loglikelihood
+    (sorted by length) and not among ``also_right``, at a random place. Like lengths keep the unnormalised loglikelihood
     (``acc``) from simply preferring the shortest choice."""
     at = bisect.bisect_left([len(text) for text in pool], len(right))
     near = pool[max(0, at - NEIGHBOURS):at + NEIGHBOURS]
     others: list[str] = []
     while len(others) < CHOICES - 1:
         candidate = near[rng.randrange(len(near))]
-        if candidate != right and candidate not in others:
+        if candidate != right and candidate not in others and candidate not in also_right:
             others.append(candidate)
     gold = rng.randrange(CHOICES)
     return others[:gold] + [right] + others[gold:], gold
@@ -44,7 +45,9 @@ def bible_cloze(**_: Any) -> datasets.DatasetDict:
     content, starts, ends = bible.scripture_content, bible.verse_start_indices, bible.verse_end_indices
     ids = sorted(starts)
     verses = {i: content[starts[i]:ends[i]].strip() for i in ids}
-    pairs = [(a, b) for a, b in zip(ids, ids[1:]) if a // 1000 == b // 1000 and verses[a] and verses[b]]
+    repeated = {text for text, count in collections.Counter(verses.values()).items() if count > 1}
+    pairs = [(a, b) for a, b in zip(ids, ids[1:])  # in one chapter, with a verse found once (one right answer)
+             if a // 1000 == b // 1000 and verses[a] and verses[b] and verses[a] not in repeated]
     rng = random.Random(SEED)
     pool = sorted({verses[i] for i in ids if verses[i]}, key=lambda text: (len(text), text))
     rows = []
@@ -58,16 +61,13 @@ def chatterbot_mc(**_: Any) -> datasets.DatasetDict:
     """A conversation's opening question, and which of four answers is its reply."""
     from satrun.data.sources import MESSAGES, _chatterbot_chats
 
-    pairs, seen = [], set()
+    replies: dict[str, list[str]] = {}  # each opening question's replies, in corpus order
     for chat in _chatterbot_chats():
-        question, answer = chat[MESSAGES][0]["content"], chat[MESSAGES][1]["content"]
-        if question not in seen:
-            seen.add(question)
-            pairs.append((question, answer))
+        replies.setdefault(chat[MESSAGES][0]["content"], []).append(chat[MESSAGES][1]["content"])
     rng = random.Random(SEED)
-    answers = sorted({answer for _, answer in pairs}, key=lambda text: (len(text), text))
+    answers = sorted({answer for found in replies.values() for answer in found}, key=lambda text: (len(text), text))
     rows = []
-    for question, answer in pairs:
-        choices, gold = _choices(answer, answers, rng)
+    for question, found in replies.items():  # the first reply is the right one; no other reply is a distractor
+        choices, gold = _choices(found[0], answers, rng, frozenset(found))
         rows.append({"question": question, "choices": choices, "gold": gold})
     return _test(rows)
