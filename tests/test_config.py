@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import hydra
@@ -233,7 +234,7 @@ def test_dataclass_defaults_validate():
     from satrun.config import validate
 
     validate(cfg)
-    assert dataclasses.asdict(cfg)["mode"] == {"name": "cpt"}
+    assert dataclasses.asdict(cfg)["mode"] == {"name": "cpt", "train_on_inputs": False}
 
 
 def test_the_dataclasses_are_the_one_source_of_defaults(compose):
@@ -252,7 +253,7 @@ def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> 
     assert _typed(compose, "mode=sft", "scheduler=constant", "scheduler.tokens=all").scheduler.attn_rate is None
     with pytest.raises(UsageError, match="data.packing=true packs chats"):
         _typed(compose, "data.packing=true")
-    with pytest.raises(UsageError, match="in mode=cpt every token carries one"):
+    with pytest.raises(UsageError, match="with mode=cpt every token carries one"):
         _typed(compose, "scheduler.tokens=unlabelled")
     with pytest.raises(UsageError, match="does nothing with scheduler=dense"):
         _typed(compose, "mode=sft", "scheduler=dense", "scheduler.tokens=unlabelled")
@@ -276,3 +277,24 @@ def test_lora_sft_takes_its_own_calibration_and_lora_cpt_full_fine_tunings(compo
     own = OmegaConf.to_container(OmegaConf.load(CONF / "calibration" / "smollm2-135m_sft_ladder_lora.yaml"))
     assert rates("mode=sft", "adapter=lora") == (own["rate"], own["layer_scale"]) != rates("mode=sft")
     assert rates("adapter=lora") == rates() and rates("adapter=lora", "scheduler=constant") == rates("scheduler=constant")
+
+
+def test_sft_record_settings_are_read_where_they_are_set_and_refused_elsewhere(compose) -> None:
+    from satrun.config import sparse_tokens
+
+    jsonl = ["mode=sft", "data=jsonl", "data.path=x.jsonl"]
+    for args, says in ((["data.schema=alpaca", "data.prompt_field=q"], "data.prompt_field does nothing with data.schema=alpaca"),
+                       (["data.messages_field=chat"], "set data.schema=messages"),
+                       (["data.schema=yaml"], "data.schema='yaml' is not one of"),
+                       (["mode=cpt", "data.schema=messages"], "does nothing with mode=cpt"),
+                       (["mode=cpt", "mode.train_on_inputs=true"], "mode.train_on_inputs=true is for mode=sft"),
+                       (["mode.train_on_inputs=true", "scheduler.tokens=unlabelled"], "with mode.train_on_inputs=true every token")):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            _typed(compose, *jsonl, *args)
+    with pytest.raises(UsageError, match="does nothing with data=chatterbot"):
+        _typed(compose, "mode=sft", "data=chatterbot", "data.schema=alpaca")
+    assert _typed(compose, "mode=sft", "data=chatterbot", "data.system_prompt=Be brief.").data.system_prompt == "Be brief."
+    cfg = _typed(compose, *jsonl, "data.schema=messages", "data.messages_field=chat", "data.system_field=sys")
+    assert (cfg.data.schema, cfg.data.messages_field, cfg.data.system_field) == ("messages", "chat", "sys")
+    assert sparse_tokens(_typed(compose, *jsonl)) == "unlabelled"
+    assert sparse_tokens(_typed(compose, *jsonl, "mode.train_on_inputs=true")) == "all"  # every token carries a loss

@@ -67,9 +67,12 @@ class DataConfig:
     hub_config: Optional[str] = None  # hub: the dataset configuration (subset), if it has several
     split: str = "train"  # hub: the split read
     text_field: str = "text"  # CPT: the field holding a document
-    prompt_field: str = "prompt"  # SFT: the field holding the user turn
-    response_field: str = "response"  # SFT: the field holding the answer trained on
-    messages_field: Optional[str] = None  # SFT: a field of chats ([{role, content}] or ShareGPT [{from, value}]) instead
+    schema: str = "pairs"  # SFT records: pairs (prompt_field, response_field) | alpaca (instruction, input, output) | prompt_completion (TRL's prompt, completion: text or messages) | messages (messages_field)
+    prompt_field: str = "prompt"  # SFT, schema=pairs: the field holding the user turn
+    response_field: str = "response"  # SFT, schema=pairs: the field holding the answer trained on
+    messages_field: str = "messages"  # SFT, schema=messages: the field of chats ([{role, content}] or ShareGPT [{from, value}])
+    system_field: Optional[str] = None  # SFT: a field holding each record's system prompt (null or empty: none)
+    system_prompt: Optional[str] = None  # SFT: the system turn of every chat that has none of its own
     sample_by: str = "paragraph"  # text files: a document per file (document), blank-line paragraph or line
     eval_fraction: float = 0.02  # share of documents/examples held out for evaluation
     packing: bool = False  # SFT: bin-pack whole chats into rows of trainer.seq_len (no attention across chats); mode=sft turns it on
@@ -82,6 +85,7 @@ class ModeConfig:
     """Training regime: cpt (packed causal LM on raw text) or sft (loss on responses only)."""
 
     name: str = "cpt"  # cpt (packed text, loss on every token) | sft (chats, loss on answers only)
+    train_on_inputs: bool = False  # SFT: the loss on every token of the chat, prompts and template included, not on the answers only
 
 
 @dataclass
@@ -196,6 +200,7 @@ _CHOICES = {
     "adapter.name": ("none", "lora"),
     "data.format": ("bible", "chatterbot", "text", "jsonl", "parquet", "hub"),
     "data.sample_by": ("document", "paragraph", "line"),
+    "data.schema": ("pairs", "alpaca", "prompt_completion", "messages"),
     "mode.name": ("cpt", "sft"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "trainer.precision": ("auto", "fp32", "bf16", "tf32"),
@@ -309,8 +314,9 @@ def validate(cfg: TrainConfig) -> None:
         schedule.build_stages(cfg.scheduler, t.max_steps)
     except schedule.ScheduleError as exc:
         raise UsageError(str(exc)) from exc
-    if cfg.scheduler.tokens == "unlabelled" and cfg.mode.name == "cpt":
-        raise UsageError("scheduler.tokens=unlabelled omits neurons for tokens without a loss; in mode=cpt every token "
+    if cfg.scheduler.tokens == "unlabelled" and (cfg.mode.name == "cpt" or cfg.mode.train_on_inputs):
+        where = "mode=cpt" if cfg.mode.name == "cpt" else "mode.train_on_inputs=true"
+        raise UsageError(f"scheduler.tokens=unlabelled omits neurons for tokens without a loss; with {where} every token "
                          "carries one (use scheduler.tokens=all)")
     attn = cfg.scheduler.rate if cfg.scheduler.attn_rate is None else cfg.scheduler.attn_rate
     if sparse_tokens(cfg) == "unlabelled" and attn and cfg.scheduler.name != "dense":
@@ -319,16 +325,39 @@ def validate(cfg: TrainConfig) -> None:
                          "scheduler.tokens=all")
     if d.packing and cfg.mode.name != "sft":
         raise UsageError("data.packing=true packs chats (mode=sft); CPT text is always packed into blocks of trainer.seq_len")
+    _check_sft_records(cfg)
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")
 
 
+def _check_sft_records(cfg: TrainConfig) -> None:
+    """The SFT record settings only where they are read: a setting that would do nothing is refused."""
+    d, default = cfg.data, DataConfig()
+    changed = [key for key in ("schema", "prompt_field", "response_field", "messages_field", "system_field", "system_prompt")
+               if getattr(d, key) != getattr(default, key)]
+    if cfg.mode.train_on_inputs and cfg.mode.name != "sft":
+        raise UsageError("mode.train_on_inputs=true is for mode=sft (in mode=cpt every token carries a loss already)")
+    if changed and cfg.mode.name != "sft":
+        raise UsageError(f"data.{changed[0]} describes SFT records and does nothing with mode={cfg.mode.name}; leave it out")
+    if cfg.mode.name != "sft":
+        return
+    packaged = [key for key in changed if key != "system_prompt"] if d.format == "chatterbot" else []
+    if packaged:
+        raise UsageError(f"data.{packaged[0]} does nothing with data=chatterbot (its records are chats already); leave it out")
+    read = {"pairs": ("prompt_field", "response_field"), "messages": ("messages_field",)}.get(d.schema, ())
+    unread = [key for key in ("prompt_field", "response_field", "messages_field") if key in changed and key not in read]
+    if unread:
+        raise UsageError(f"data.{unread[0]} does nothing with data.schema={d.schema}"
+                         + ("" if d.schema == "messages" or unread[0] != "messages_field" else "; set data.schema=messages to read chats"))
+
+
 def sparse_tokens(cfg: TrainConfig) -> str:
     """Which tokens omit neurons: ``scheduler.tokens``, with auto meaning unlabelled in SFT (the
-    prompts carry no loss) and all in CPT."""
+    prompts carry no loss) and all in CPT and in SFT with ``mode.train_on_inputs`` (where every
+    token carries one)."""
     if cfg.scheduler.tokens != "auto":
         return cfg.scheduler.tokens
-    return "unlabelled" if cfg.mode.name == "sft" else "all"
+    return "unlabelled" if cfg.mode.name == "sft" and not cfg.mode.train_on_inputs else "all"
 
 
 # Keys an option does not read: setting one away from its default would do nothing, so it is refused.

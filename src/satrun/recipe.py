@@ -209,7 +209,7 @@ def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
     """What shapes the run's schedules and batches: a resume must not change it silently."""
     t = cfg.trainer
     shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
-              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name,
+              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name, "mode.train_on_inputs": cfg.mode.train_on_inputs,
               "data.packing": cfg.data.packing}
     shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
     shaped.update({f"adapter.{k}": v for k, v in asdict(cfg.adapter).items()})  # the checkpoint's weights are these
@@ -268,9 +268,8 @@ def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokeni
     limit = max_sequence_length(model)
     if limit is not None and cfg.trainer.seq_len > limit:
         raise UsageError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model={cfg.model.name}'s maximum of {limit} positions")
-    corpus = build_corpus(
-        cfg.data, cfg.mode.name, tokenizer, cfg.trainer.seq_len, cfg.trainer.micro_batch_size, cfg.trainer.seed
-    )
+    corpus = build_corpus(cfg.data, cfg.mode.name, tokenizer, cfg.trainer.seq_len, cfg.trainer.micro_batch_size,
+                          cfg.trainer.seed, cfg.mode.train_on_inputs)
     return tokenizer, model, corpus
 
 
@@ -299,7 +298,7 @@ def _token_split(cfg: TrainConfig) -> tuple[float, float, float]:
     (in order; shuffled batches pad about as much)."""
     tokenizer = load_tokenizer(cfg.model)
     t = cfg.trainer
-    corpus = build_corpus(cfg.data, cfg.mode.name, tokenizer, t.seq_len, t.micro_batch_size, t.seed)
+    corpus = build_corpus(cfg.data, cfg.mode.name, tokenizer, t.seq_len, t.micro_batch_size, t.seed, cfg.mode.train_on_inputs)
     counts = [0, 0, 0]
     for batch in eval_batches(corpus.train, t.micro_batch_size, corpus.pad_id, limit=0):
         counts = [a + b for a, b in zip(counts, token_counts(batch))]

@@ -48,7 +48,7 @@ def test_sft_pairs_with_unusable_fields_name_file_line_and_field(tmp_path: Path,
 def test_malformed_chats_are_one_line(tmp_path: Path, bad: dict, says: str) -> None:
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     cfg = jsonl(tmp_path, good, bad)
-    cfg.messages_field = "messages"
+    cfg.schema = "messages"
     with pytest.raises(UsageError) as info:
         load_raw(cfg, "sft")
     assert str(info.value).startswith(f"{cfg.path}:2: ") and says in str(info.value)
@@ -57,7 +57,7 @@ def test_malformed_chats_are_one_line(tmp_path: Path, bad: dict, says: str) -> N
 def test_sharegpt_from_value_chats_become_role_content(tmp_path: Path) -> None:
     chat = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
     cfg = jsonl(tmp_path, {"conversations": chat}, {"conversations": chat})
-    cfg.messages_field = "conversations"
+    cfg.schema, cfg.messages_field = "messages", "conversations"
     rows = load_raw(cfg, "sft")
     assert rows[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                    {"role": "assistant", "content": "Hello"}]

@@ -170,7 +170,8 @@ def test_build_corpus_sft_jsonl_messages_field(tokenizer, plain_tokenizer, tmp_p
             chat += [{"role": "user", "content": f"Thanks for {i}!"}, {"role": "assistant", "content": f"Welcome {i}."}]
         rows.append({"chat": chat, "id": i})
     _write_jsonl(path, rows)
-    cfg = DataConfig(name="jsonl", format="jsonl", path=str(path), messages_field="chat", eval_fraction=0.2)
+    cfg = DataConfig(name="jsonl", format="jsonl", path=str(path), schema="messages", messages_field="chat",
+                     eval_fraction=0.2)
     for tok in (tokenizer, plain_tokenizer):
         corpus = build_corpus(cfg, "sft", tok, seq_len=256, micro_batch_size=2, seed=0)
         _check_sft_examples(corpus, tok, 256)
@@ -217,7 +218,9 @@ def test_jsonl_line_that_is_not_an_object(tokenizer, tmp_path):
     [
         ({}, "sft", "response"),
         ({"prompt_field": "question"}, "sft", "question"),
-        ({"messages_field": "conversation"}, "sft", "conversation"),
+        ({"schema": "messages", "messages_field": "conversation"}, "sft", "conversation"),
+        ({"schema": "alpaca"}, "sft", "instruction"),
+        ({"schema": "prompt_completion"}, "sft", "completion"),
         ({}, "cpt", "text"),
     ],
 )

@@ -55,9 +55,11 @@ def _fingerprint(ds: datasets.Dataset, *parts: object) -> str:
 
 
 def build_corpus(
-    cfg: DataConfig, mode: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, micro_batch_size: int, seed: int
+    cfg: DataConfig, mode: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, micro_batch_size: int, seed: int,
+    train_on_inputs: bool = False,
 ) -> Corpus:
-    """Read, split (by document/chat, so nothing leaks), tokenize (cached) and pack."""
+    """Read, split (by document/chat, so nothing leaks), tokenize (cached) and pack. In SFT,
+    ``train_on_inputs`` labels the prompts too."""
     raw = load_raw(cfg, mode)
     if len(raw) < 2:
         hint = " (try data.sample_by=paragraph)" if cfg.format == "text" and cfg.sample_by == "document" else ""
@@ -73,7 +75,8 @@ def build_corpus(
             blocks = cpt.pack(cpt.token_stream(docs), seq_len, keep_tail=name == "eval")
             parts[name] = [(b, b) for b in blocks]
         else:
-            chats = sft.tokenize_chats(ds, tokenizer, seq_len, _fingerprint(ds, "sft", tok, seq_len))
+            chats = sft.tokenize_chats(ds, tokenizer, seq_len, _fingerprint(ds, "sft", tok, seq_len, train_on_inputs),
+                                       train_on_inputs)
             columns = chats.with_format("numpy")
             parts[name] = [
                 (torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(lab, dtype=torch.long))

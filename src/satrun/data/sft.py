@@ -1,4 +1,5 @@
-"""Supervised fine-tuning data: chats rendered by the chat template, loss on assistant turns only.
+"""Supervised fine-tuning data: chats rendered by the chat template, loss on assistant turns only
+(or, with ``mode.train_on_inputs``, on every token).
 
 A chat is rendered turn by turn. For each assistant turn k the template is applied to the turns
 before k with a generation prompt, and to the turns up to k; the text in between is the answer
@@ -48,25 +49,26 @@ def segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]])
 
 
 def tokenize_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], seq_len: int
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], seq_len: int, train_on_inputs: bool = False
 ) -> dict[str, list[int]]:
-    """input_ids and labels (IGNORE on prompt tokens), truncated to ``seq_len``."""
+    """input_ids and labels (IGNORE on prompt tokens unless ``train_on_inputs``), truncated to
+    ``seq_len``. The chat is tokenized piece by piece either way, so both settings see the same ids."""
     input_ids: list[int] = []
     labels: list[int] = []
     for text, trained in segments(tokenizer, messages):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
-        labels += ids if trained else [IGNORE] * len(ids)
+        labels += ids if trained or train_on_inputs else [IGNORE] * len(ids)
     return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
 
 
 def tokenize_chats(
-    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, fingerprint: str
+    ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, fingerprint: str, train_on_inputs: bool = False
 ) -> datasets.Dataset:
     """Tokenized chats; chats whose answers were truncated away entirely are dropped."""
     tokenized = ds.map(
         _tokenize_row,
-        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "train_on_inputs": train_on_inputs},
         remove_columns=ds.column_names,
         new_fingerprint=fingerprint,
         desc="tokenizing",
@@ -76,5 +78,6 @@ def tokenize_chats(
     )
 
 
-def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> dict[str, list[int]]:
-    return tokenize_chat(tokenizer, row[MESSAGES], seq_len)
+def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  train_on_inputs: bool) -> dict[str, list[int]]:
+    return tokenize_chat(tokenizer, row[MESSAGES], seq_len, train_on_inputs)

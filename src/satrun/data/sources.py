@@ -36,6 +36,8 @@ def load_raw(cfg: DataConfig, mode: str) -> datasets.Dataset:
         if mode != "sft":
             raise UsageError("data=chatterbot holds prompt/response pairs for mode=sft")
         ds = datasets.Dataset.from_generator(_chatterbot_chats)
+        if cfg.system_prompt:
+            ds = ds.map(lambda row: {MESSAGES: _with_system(row[MESSAGES], None, cfg.system_prompt)})
     else:
         ds, places = _load_user_data(cfg, mode)
         ds = _valid_rows(ds, cfg, mode, places)
@@ -152,14 +154,45 @@ def check_jsonl(path: str, cfg: DataConfig, mode: str) -> list[str]:
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
+ALPACA = ("instruction", "input", "output")  # Alpaca's fields; input may be empty or missing
+PROMPT_COMPLETION = ("prompt", "completion")  # TRL's fields: text, or lists of messages
+
+
+def sft_fields(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """The fields an SFT record of ``data.schema`` must have, and those it may have."""
+    required = {"pairs": [cfg.prompt_field, cfg.response_field], "alpaca": ["instruction", "output"],
+                "prompt_completion": list(PROMPT_COMPLETION), "messages": [cfg.messages_field]}[cfg.schema]
+    optional = (["input"] if cfg.schema == "alpaca" else []) + ([cfg.system_field] if cfg.system_field else [])
+    return required, optional
+
+
 def record_problem(row: dict[str, Any], cfg: DataConfig, mode: str) -> Optional[str]:
     """What makes one record unusable for ``mode`` (None: it is fine). Fields the data lacks
     altogether are reported once, for the whole data set, by :func:`_require`."""
     if mode == "cpt":
         return _text_problem(row, cfg.text_field)
-    if cfg.messages_field:
+    if cfg.system_field and row.get(cfg.system_field) is not None and not isinstance(row[cfg.system_field], str):
+        return f"field {cfg.system_field!r} is {_describe(row[cfg.system_field])}, not text"
+    if cfg.schema == "messages":
         return _messages_problem(row.get(cfg.messages_field), cfg.messages_field) if cfg.messages_field in row else None
+    if cfg.schema == "alpaca":
+        given = row.get("input")
+        if given is not None and not isinstance(given, str):
+            return f"field 'input' is {_describe(given)}, not text"
+        return _text_problem(row, "instruction") or _text_problem(row, "output")
+    if cfg.schema == "prompt_completion":
+        return _part_problem(row, "prompt", answer=False) or _part_problem(row, "completion", answer=True)
     return _text_problem(row, cfg.prompt_field) or _text_problem(row, cfg.response_field)
+
+
+def _part_problem(row: dict[str, Any], field: str, answer: bool) -> Optional[str]:
+    """A prompt or completion: text, or a list of messages (a completion's all assistant turns)."""
+    if field not in row or not isinstance(row[field], list):
+        return _text_problem(row, field)
+    wrong = _messages_problem(row[field], field, needs_answer=answer)
+    if wrong is None and answer and any(ROLES[_turn(t)[0]] != "assistant" for t in row[field]):
+        return f"field {field!r} holds a turn that is not the assistant's"
+    return wrong
 
 
 def _text_problem(row: dict[str, Any], field: str) -> Optional[str]:
@@ -171,9 +204,9 @@ def _text_problem(row: dict[str, Any], field: str) -> Optional[str]:
     return None if value.strip() else f"field {field!r} is empty"
 
 
-def _messages_problem(messages: Any, field: str) -> Optional[str]:
+def _messages_problem(messages: Any, field: str, needs_answer: bool = True) -> Optional[str]:
     """A chat is a list of {"role", "content"} turns (ShareGPT's {"from", "value"} also), with
-    one assistant turn at least and text in every turn."""
+    one assistant turn at least (unless not ``needs_answer``: a prompt's turns) and text in every turn."""
     if not isinstance(messages, list) or not messages:
         return f"field {field!r} is {_describe(messages)}, not a list of messages"
     for i, turn in enumerate(messages):
@@ -184,7 +217,7 @@ def _messages_problem(messages: Any, field: str) -> Optional[str]:
             return f"{field}[{i}] has role {role!r}; expected one of {', '.join(ROLES)} (in \"role\" or \"from\")"
         if not isinstance(content, str) or not content.strip():
             return f"{field}[{i}] has content {_describe(content)}; expected text (in \"content\" or \"value\")"
-    if not any(ROLES[_turn(t)[0]] == "assistant" for t in messages):
+    if needs_answer and not any(ROLES[_turn(t)[0]] == "assistant" for t in messages):
         return f"field {field!r} has no assistant turn to train on"
     return None
 
@@ -209,7 +242,11 @@ def _valid_rows(ds: datasets.Dataset, cfg: DataConfig, mode: str, places: Option
     or with ``data.skip_invalid`` is left out, the count said in one warning."""
     if cfg.format == "text":  # plain text: blank documents are only separators, dropped below
         return ds
-    fields = [cfg.text_field] if mode == "cpt" else [cfg.messages_field] if cfg.messages_field else [cfg.prompt_field, cfg.response_field]
+    if mode == "cpt":
+        fields = [cfg.text_field]
+    else:
+        fields, optional = sft_fields(cfg)
+        fields = fields + [f for f in optional if f in ds.column_names]
     _require(ds, cfg, *fields)
     good, first_bad = [], None
     for i, row in enumerate(ds.select_columns(fields)):
@@ -247,15 +284,36 @@ def _to_text(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
 
 
 def _to_messages(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
-    """One ``messages`` column of {"role", "content"} turns (ShareGPT's from/value renamed)."""
-    if cfg.messages_field:
-        field = cfg.messages_field
-        return ds.map(
-            lambda row: {MESSAGES: [{"role": ROLES[_turn(t)[0]], "content": _turn(t)[1]} for t in row[field]]},
-            remove_columns=ds.column_names,
-        )
-    prompt, response = cfg.prompt_field, cfg.response_field
-    return ds.map(
-        lambda row: {MESSAGES: [{"role": "user", "content": row[prompt]}, {"role": "assistant", "content": row[response]}]},
-        remove_columns=ds.column_names,
-    )
+    """One ``messages`` column of {"role", "content"} turns from the records of ``data.schema``
+    (ShareGPT's from/value renamed), each with its system turn (``data.system_field``, else
+    ``data.system_prompt``) where it has none of its own."""
+    return ds.map(lambda row: {MESSAGES: _with_system(_chat(row, cfg), row.get(cfg.system_field) if cfg.system_field else None,
+                                                      cfg.system_prompt)},
+                  remove_columns=ds.column_names)
+
+
+def _chat(row: dict[str, Any], cfg: DataConfig) -> list[dict[str, str]]:
+    if cfg.schema == "messages":
+        return _turns(row[cfg.messages_field])
+    if cfg.schema == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        prompt = _turns(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion = _turns(completion) if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        return prompt + completion
+    if cfg.schema == "alpaca":
+        given = (row.get("input") or "").strip()
+        prompt = f"{row['instruction']}\n\n{given}" if given else row["instruction"]
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    return [{"role": "user", "content": row[cfg.prompt_field]}, {"role": "assistant", "content": row[cfg.response_field]}]
+
+
+def _turns(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": ROLES[_turn(t)[0]], "content": _turn(t)[1]} for t in messages]
+
+
+def _with_system(chat: list[dict[str, str]], own: Optional[str], fixed: Optional[str]) -> list[dict[str, str]]:
+    """``chat`` led by a system turn: its own, else the record's (``own``), else ``fixed``."""
+    if chat and chat[0]["role"] == "system":
+        return chat
+    system = own.strip() if isinstance(own, str) and own.strip() else fixed
+    return [{"role": "system", "content": system}, *chat] if system else chat
