@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quality study's benchmark column (docs/quality.md): satrun eval of the models the study
-# trains, at the end of their runs, on satrun's offline tasks (bible_cloze, chatterbot_mc; all
-# questions), and of the packaged model they start from. The CPT runs dense150 and denseN are
+# trains, at the end of their runs, on satrun's offline tasks (bible_cloze, chatterbot_mc; their
+# first 300 questions each: all of them take a quarter of an hour per model on 2 CPU cores), and
+# of the packaged model they start from. The CPT runs dense150 and denseN are
 # trained first where their folders lack a summary (scripts/quality_study.sh's settings); the
 # SFT runs (seed 1234) come from an earlier scripts/quality_study.sh. Each evaluation goes to
 # $OUT/eval-NAME; the tables to docs/results/quality/benchmarks/{cpt,sft}.
@@ -13,7 +14,7 @@ OUT=${OUT:-outputs/quality-study}
 # shellcheck source=scripts/study_common.sh
 source scripts/study_common.sh
 CPT=(trainer.max_steps=150 trainer.eval_every=15 trainer.eval_batches=0 trainer.progress=log)
-EVAL=(eval.batch_size=16 trainer.device=cpu)
+EVAL=(eval.limit=300 eval.batch_size=16 trainer.device=cpu)
 DEST=docs/results/quality/benchmarks
 
 evaluate() {  # evaluate NAME [RUN]: satrun eval of $OUT/RUN (or of the packaged model) into $OUT/eval-NAME
