@@ -52,9 +52,11 @@ def test_eval_scores_a_run_offline_in_under_a_minute_with_the_harness_results(sa
     data = tmp_path / "tasks" / "yes_no.jsonl"
     data.write_text("".join(json.dumps({"question": f"Is {n} even?", "label": n % 2}) + "\n" for n in range(6)))
     (tmp_path / "tasks" / "my_yes_no.yaml").write_text(USER_TASK.format(data=data))
-    mine = satrun("eval", "eval.run=run", "eval.tasks=[my_yes_no]", "eval.include_path=[tasks]", "hydra.run.dir=mine")
+    mine = satrun("eval", "eval.run=run", "eval.tasks=[my_yes_no]", "eval.include_path=[tasks]", "eval.num_fewshot=2",
+                  "hydra.run.dir=mine")
     assert mine.returncode == 0, mine.stderr
-    assert json.loads((tmp_path / "mine" / "eval.json").read_text())["n-samples"]["my_yes_no"]["effective"] == 6
+    theirs = json.loads((tmp_path / "mine" / "eval.json").read_text())
+    assert theirs["n-samples"]["my_yes_no"]["effective"] == 6 and theirs["n-shot"]["my_yes_no"] == 2
 
     report = satrun("report", "ev", "mine", "--out", "cmp")
     assert report.returncode == 0, report.stderr
