@@ -412,6 +412,8 @@ def run_eval(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     from satrun import evaluation
 
     e = cfg.eval
+    if distributed.current().size > 1:
+        raise UsageError("satrun eval runs in one process (every rank would score the whole task); run it without torchrun")
     manager = evaluation.task_manager(e)  # an unknown task fails before any weights load
     set_seed(cfg.trainer.seed)
     device = runtime.resolve_device(cfg.trainer.device)
