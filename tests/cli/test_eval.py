@@ -78,19 +78,18 @@ def test_benchmark_records_of_a_cpt_run_reach_metrics_summary_and_report(satrun,
     """Records at the start, every N steps and at the end, in metrics.jsonl, the summary, the
     end-of-run table and the report (tests/evaluation/test_harness.py: the model is scored
     dense and the random state is kept)."""
-    args = [*TINY, "trainer.max_steps=5", "trainer.log_every=1", "trainer.eval_every=0"]
-    assert satrun("train", *args, "trainer.max_steps=1", "hydra.run.dir=plain").returncode == 0
+    args = [*TINY, "trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=0"]
     result = satrun("train", *args, "trainer.benchmark_every=2", "eval.tasks=[bible_cloze]", "eval.limit=8",
                     "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     records = read_jsonl(tmp_path / "bench" / "metrics.jsonl")
     benchmarks = [r for r in records if r["kind"] == "benchmark"]
-    assert [r["step"] for r in benchmarks] == [0, 2, 4, 5]
+    assert [r["step"] for r in benchmarks] == [0, 2, 3]
     assert all(set(r) == {"kind", "step", "bible_cloze/acc", "bible_cloze/acc_norm"} for r in benchmarks)
     summary = json.loads((tmp_path / "bench" / "summary.json").read_text())
     assert summary["benchmark"] == {k: v for k, v in benchmarks[-1].items() if k not in ("kind", "step")}
     assert summary["initial_benchmark"]["bible_cloze/acc"] == benchmarks[0]["bible_cloze/acc"]
     assert "benchmark bible_cloze/acc" in result.stdout  # the end-of-run table
-    assert satrun("report", "plain", "bench", "--out", "cmp").returncode == 0
+    assert satrun("report", "bench", "--out", "cmp").returncode == 0
     rows = list(csv.DictReader((tmp_path / "cmp" / "sweep_summary.csv").open()))
-    assert rows[0]["benchmark:bible_cloze/acc"] == "" and float(rows[1]["benchmark:bible_cloze/acc"]) == benchmarks[-1]["bible_cloze/acc"]
+    assert float(rows[0]["benchmark:bible_cloze/acc"]) == benchmarks[-1]["bible_cloze/acc"]

@@ -40,3 +40,19 @@ def test_a_sat_model_in_training_is_scored_dense_and_its_random_state_kept(token
         model(input_ids=ids)
     assert sat.last_selection(0)["channels"] is not None  # in training mode the same model computes sparsely
     sat.remove()
+
+
+def test_chat_template_renders_the_questions_through_the_tokenizers_template(tokenizer, monkeypatch) -> None:
+    model = tiny(len(tokenizer))
+    rendered = []
+    original = type(tokenizer).apply_chat_template
+
+    def counted(self, *args, **kwargs):  # the tokenizer's own template, its uses counted
+        rendered.append(args[0] if args else kwargs.get("conversation"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counted)
+    evaluate(model, tokenizer, EvalConfig(tasks=["chatterbot_mc"], limit=2), seed=1, progress=False)
+    assert not rendered
+    evaluate(model, tokenizer, EvalConfig(tasks=["chatterbot_mc"], limit=2, chat_template=True), seed=1, progress=False)
+    assert rendered and any("Question:" in str(chat) for chat in rendered)

@@ -16,10 +16,11 @@ def test_smollm2_scores_above_chance_on_the_bible_cloze() -> None:
     assert config.name == "smollm2-135m"
     tokenizer = load_tokenizer(config)
     model = load_model(config, tokenizer)
-    questions = 80
+    questions = 48
     results = evaluate(model, tokenizer, EvalConfig(tasks=["bible_cloze"], limit=questions), seed=1234, progress=False)
     found = scores(results)
     assert results["n-samples"]["bible_cloze"]["effective"] == questions
-    # chance is 0.25 with a standard deviation of 0.048 over 80 questions: demand 3 of them more
-    assert found["bible_cloze/acc_norm"] > 0.25 + 3 * 0.048, found
-    assert found["bible_cloze/acc"] > 0.25 + 3 * 0.048, found
+    # chance is 0.25 with a standard deviation of 0.0625 over 48 questions: demand 2.5 of them more
+    # (a chance scorer passes one time in 160)
+    assert found["bible_cloze/acc_norm"] > 0.25 + 2.5 * 0.0625, found
+    assert found["bible_cloze/acc"] > 0.25 + 2.5 * 0.0625, found
