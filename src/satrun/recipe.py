@@ -209,8 +209,8 @@ def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
     """What shapes the run's schedules and batches: a resume must not change it silently."""
     t = cfg.trainer
     shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
-              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name, "mode.train_on_inputs": cfg.mode.train_on_inputs,
-              "data.packing": cfg.data.packing}
+              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name,
+              "data.packing": cfg.data.packing, "mode.train_on_inputs": cfg.mode.train_on_inputs}
     shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
     shaped.update({f"adapter.{k}": v for k, v in asdict(cfg.adapter).items()})  # the checkpoint's weights are these
     unread = unread_keys("scheduler", cfg.scheduler.name)  # e.g. a checkpoint of an older calibration's dense run

@@ -318,8 +318,7 @@ class Run:
         record = {"kind": "benchmark", "step": self.state.step, **self.benchmark()}
         distributed.reshard(self.objective)
         self.logger.log(record)
-        self.display.message(f"benchmark step {record['step']}: "
-                             + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("kind", "step")))
+        self.display.message(f"benchmark step {record['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in _scores(record).items()))
         self.state.benchmark_history.append(record)
 
     def begin_step(self, hooks: Sequence[StepHook]) -> dict[str, Any]:
@@ -412,7 +411,7 @@ class Run:
         resume from that checkpoint has both), then ``final/``. A checkpoint the disk has no
         room for is a warning here: ``final/``, a third of its size, may still fit."""
         history = self.state.benchmark_history
-        if self.benchmark is not None and not (history and history[-1]["step"] == self.state.step):
+        if not (history and history[-1]["step"] == self.state.step):  # (nothing without a benchmark)
             self.benchmark_model()
         if not self.evaluated_last():
             self.evaluate()
