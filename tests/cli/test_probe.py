@@ -45,5 +45,5 @@ def test_sft_probe_measures_answer_losses_with_the_token_split(satrun, tmp_path:
     assert found["mode"] == "sft" and found["sparse_tokens"] == "unlabelled"
     # only the unlabelled share omits neurons, and the head runs at labelled positions only
     assert 1.0 < found["ideal_speedups"][0] < found["ideal_speedups"][1]
-    assert found["sensitivity"][-1] == 0.0  # the last layer's unlabelled rows reach no loss
+    assert abs(found["sensitivity"][-1]) < 1e-5  # the last layer's unlabelled rows reach no loss (up to rounding)
     assert found["calibration"]["ideal_speedup"] >= 1.0001
