@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu runs the same path on the CPU (the tests do, on a shrunk model)
 LAYERS=${LAYERS:-16}
 RATES=${RATES:-[0.3,0.5,0.7]}
+BACKWARD_RATES=${BACKWARD_RATES:-[0.5,1.0]}  # scheduler.omit=backward rows (dense forward)
 OUT=${OUT:-outputs/gpu-bench/$(date +%Y-%m-%d_%H-%M-%S)}
 SATRUN=${SATRUN:-$( [ -x .venv/bin/satrun ] && echo .venv/bin/satrun || echo satrun )}
 
@@ -23,5 +24,5 @@ fi
 "$SATRUN" bench \
     model=llama2-7b model.source=random model.num_layers="$LAYERS" model.vocab_size=null \
     trainer.device="$DEVICE" trainer.precision=bf16 trainer.seq_len=2048 trainer.micro_batch_size=4 \
-    bench.rates="$RATES" bench.steps=5 bench.repeats=3 \
+    bench.rates="$RATES" bench.backward_rates="$BACKWARD_RATES" bench.steps=5 bench.repeats=3 \
     hydra.run.dir="$OUT" "$@"

@@ -215,6 +215,7 @@ _CHOICES = {
     "selector.normalize": ("max", "rank"),
     "selector.fill": ("zero", "mean"),
     "scheduler.tokens": ("auto", "all", "unlabelled"),
+    "scheduler.omit": ("forward", "backward"),
 }
 
 
@@ -300,8 +301,10 @@ def validate(cfg: TrainConfig) -> None:
     _refuse_ignored(cfg)
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
-    if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates):
-        raise UsageError("bench.steps and bench.repeats must be at least 1 and bench.rates in (0, 1)")
+    if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates) \
+            or not all(0.0 < r <= 1.0 for r in cfg.bench.backward_rates):
+        raise UsageError("bench.steps and bench.repeats must be at least 1, bench.rates in (0, 1) and "
+                         "bench.backward_rates in (0, 1]")
     p = cfg.probe
     if p.batches < 1 or not p.rates or not all(0.0 < r < 1.0 for r in [*p.rates, p.layer_rate]):
         raise UsageError("probe.batches must be at least 1, probe.rates and probe.layer_rate in (0, 1)")
@@ -323,6 +326,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"scheduler.attn_rate={cfg.scheduler.attn_rate}: heads are kept when only unlabelled tokens omit "
                          "neurons (scheduler.tokens=unlabelled, the SFT default); set scheduler.attn_rate=0 or "
                          "scheduler.tokens=all")
+    if cfg.scheduler.omit == "backward" and cfg.scheduler.name != "dense":
+        _check_backward_omission(cfg)
     if d.packing and cfg.mode.name != "sft":
         raise UsageError("data.packing=true packs chats (mode=sft); CPT text is always packed into blocks of trainer.seq_len")
     _check_sft_records(cfg)
@@ -351,6 +356,20 @@ def _check_sft_records(cfg: TrainConfig) -> None:
                          + ("" if d.schema == "messages" or unread[0] != "messages_field" else "; set data.schema=messages to read chats"))
 
 
+def _check_backward_omission(cfg: TrainConfig) -> None:
+    """``scheduler.omit=backward`` scores every sparse token's activations from the dense forward
+    and adds nothing in place of omitted channels (the forward is exact): the keys that would
+    shape a sub-network's forward do nothing there."""
+    if cfg.adapter.name != "none":
+        raise UsageError(f"scheduler.omit=backward computes MLPs without adapters; adapter={cfg.adapter.name} trains "
+                         "with scheduler.omit=forward (or scheduler=dense)")
+    for key, value, default in (("metric.token_stride", cfg.metric.token_stride, MetricConfig().token_stride),
+                                ("selector.fill", cfg.selector.fill, SelectorConfig().fill)):
+        if value != default:
+            raise UsageError(f"{key}={value} does nothing with scheduler.omit=backward (every sparse token is scored and "
+                             "the forward is dense); leave it out")
+
+
 def sparse_tokens(cfg: TrainConfig) -> str:
     """Which tokens omit neurons: ``scheduler.tokens``, with auto meaning unlabelled in SFT (the
     prompts carry no loss) and all in CPT and in SFT with ``mode.train_on_inputs`` (where every
@@ -370,7 +389,7 @@ _IGNORED = {
     ("adapter", "none"): ("r", "alpha", "dropout", "target_modules"),
     ("scheduler", "constant"): ("sparse_fraction", "ladder_steps", "dense_fraction"),
     ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale",
-                             "tokens"),
+                             "tokens", "omit"),
 }
 
 

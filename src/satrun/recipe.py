@@ -283,7 +283,7 @@ def run_plan(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     try:
         plan = build_plan(_adapted_shape(cfg, shape_of(cfg.model)), build_stages(cfg.scheduler, t.max_steps), t.seq_len, t.micro_batch_size,
                           precision, align, cfg.scheduler.layers, cfg.plan.ranks, t.strategy,
-                          split, sparse_tokens(cfg), t.grad_accum, t.activation_checkpointing)
+                          split, sparse_tokens(cfg), t.grad_accum, t.activation_checkpointing, cfg.scheduler.omit)
     except ScheduleError as exc:
         raise UsageError(str(exc)) from exc
     out = run_dir / "plan.json"
@@ -332,7 +332,7 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
                      _adapted_shape(cfg, Shape.from_config(model.config)), device, amp, cfg.optim.grad_clip,
                      t.peak_flops or runtime.peak_flops(device, dtype),
                      _first_stage_layer_rates(cfg), _attn_rate(cfg),
-                     padded_batches=batches_of(corpus.train) if packed_sft else None)
+                     padded_batches=batches_of(corpus.train) if packed_sft else None, layer_omit=cfg.scheduler.omit)
     out = run_dir / "bench.json"
     out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     speedup_plot(rows, run_dir / "bench.png", f"satrun bench: {cfg.model.name}, {cfg.mode.name}, {device.type}, "
@@ -347,6 +347,9 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     writes probe.json, probe.png and conf/scheduler/calibrated.yaml."""
     t, p = cfg.trainer, cfg.probe
     _refuse_adapters(cfg, "probe")
+    if cfg.scheduler.omit == "backward":
+        raise UsageError("satrun probe measures sub-network forwards; with scheduler.omit=backward the forward is dense "
+                         "(leave scheduler.omit out to probe the forward form)")
     if p.target_speedup is not None and cfg.scheduler.name == "dense":
         raise UsageError("probe.target_speedup calibrates a sparse schedule: choose scheduler=ladder or constant")
     _, model, corpus = load_inputs(cfg)
@@ -581,7 +584,7 @@ def _sparsity(cfg: TrainConfig, model: PreTrainedModel) -> ScheduledSparsity:
     try:
         sharded = distributed.sharded_start(cfg.trainer.strategy, distributed.current())  # FSDP2
         sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=cfg.trainer.seed,
-                                tokens=sparse_tokens(cfg), regather=sharded)
+                                tokens=sparse_tokens(cfg), regather=sharded, omit=cfg.scheduler.omit)
         return ScheduledSparsity(stages, sparsifier)
     except ScheduleError as exc:
         raise UsageError(f"model={cfg.model.name}: {exc}") from exc
@@ -615,12 +618,12 @@ class StepFlopCounter:
     def __init__(self, cfg: TrainConfig, model: PreTrainedModel, sparsity: ScheduledSparsity) -> None:
         self.shape, self.sparsity = _adapted_shape(cfg, Shape.from_config(model.config)), sparsity
         self.align = cfg.selector.align_on(runtime.resolve_device(cfg.trainer.device).type)
-        self.layers, self.tokens = cfg.scheduler.layers, sparse_tokens(cfg)
+        self.layers, self.tokens, self.omit = cfg.scheduler.layers, sparse_tokens(cfg), cfg.scheduler.omit
 
     def __call__(self, batches: list[dict]) -> float:
         stage = self.sparsity.current
         return sum(step_flops(self.shape, b["input_ids"].shape[1], token_counts(b), stage.mlp_rates, stage.attn_rate,
-                              self.align, self.layers, self.tokens) for b in batches)
+                              self.align, self.layers, self.tokens, self.omit) for b in batches)
 
 
 def _first_stage_layer_rates(cfg: TrainConfig) -> list[float] | None:
@@ -637,7 +640,8 @@ def _describe(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:
     if sparsity.sparsifier is None:
         return "SAT off: dense training (scheduler=dense)"
     plan = ", ".join(f"{s.name} {s.steps} step{'s' if s.steps != 1 else ''} @ {s.mlp_rate:.2f}/{s.attn_rate:.2f}" for s in sparsity.stages)
-    text = f"SAT: metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"
+    where = "backward only (dense forward)" if cfg.scheduler.omit == "backward" else "forward and backward"
+    text = f"SAT ({where}): metric={cfg.metric.name} selector={cfg.selector.name}; stages (mlp/attn rate): {plan}"
     rungs = fitting_rungs(cfg.scheduler, cfg.trainer.max_steps)
     if cfg.scheduler.name == "ladder" and rungs < cfg.scheduler.ladder_steps:
         text += (f" (scheduler.ladder_steps={cfg.scheduler.ladder_steps}: {rungs} rung(s) fit in "

@@ -16,7 +16,7 @@ FIELDS = {"name", "rate", "tokens_per_step", "tokens_per_s", "speedup", "speedup
 
 def test_bench_rows(satrun, tmp_path: Path) -> None:
     result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=3",
-                    "bench.rates=[0.01,0.5]", "hydra.run.dir=bench")
+                    "bench.rates=[0.01,0.5]", "bench.backward_rates=[]", "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.01", "rate 0.5"]
@@ -41,10 +41,16 @@ def test_bench_rows(satrun, tmp_path: Path) -> None:
 
 def test_sft_bench_times_the_padded_step_beside_the_packed_and_token_aware_ones(satrun, tmp_path: Path) -> None:
     result = satrun("bench", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "bench.steps=1",
-                    "bench.repeats=2", "bench.rates=[0.5]", "hydra.run.dir=bench")
+                    "bench.repeats=2", "bench.rates=[0.5]", "bench.backward_rates=[0.5,1.0]", "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     rows = {r["name"]: r for r in json.loads((tmp_path / "bench" / "bench.json").read_text())}
-    assert list(rows) == ["dense, padded, full head", "dense", "rate 0.5"]  # no plain row: it would cross chats
+    # no plain row: it would cross chats
+    assert list(rows) == ["dense, padded, full head", "dense", "rate 0.5", "backward 0.5", "backward 1"]
+    # a backward-only omission saves less than the sub-network at the same rate; rate 1 saves the most
+    half, whole = rows["backward 0.5"], rows["backward 1"]
+    assert half["omit"] == whole["omit"] == "backward" and rows["rate 0.5"]["omit"] == "forward"
+    assert 1.0 < half["ideal_speedup"] < rows["rate 0.5"]["ideal_speedup"] and half["ideal_speedup"] < whole["ideal_speedup"]
+    assert half["overhead_share"] > 0.0 and whole["overhead_share"] == 0.0  # rate 1 scores and chooses nothing
     padded, dense, sparse = rows["dense, padded, full head"], rows["dense"], rows["rate 0.5"]
     # packed rows of 128 tokens hold several chats: more labelled tokens per step than 4 padded chats
     assert dense["tokens_per_step"] > padded["tokens_per_step"] > 0
@@ -57,6 +63,8 @@ def test_sft_bench_times_the_padded_step_beside_the_packed_and_token_aware_ones(
 def test_bench_rejects_rates_outside_zero_one(satrun) -> None:
     result = satrun("bench", "model=tiny", "bench.rates=[1.2]")
     assert result.returncode == 2 and "bench.rates" in result.stderr
+    result = satrun("bench", "model=tiny", "bench.backward_rates=[0]")
+    assert result.returncode == 2 and "bench.backward_rates in (0, 1]" in result.stderr
 
 
 def test_gpu_bench_script_runs_its_path_on_cpu(tmp_path: Path) -> None:
@@ -70,14 +78,14 @@ def test_gpu_bench_script_runs_its_path_on_cpu(tmp_path: Path) -> None:
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "gpu" / "bench.json").read_text())
-    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
+    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5", "backward 0.5", "backward 1"]
     config = (tmp_path / "gpu" / ".hydra" / "config.yaml").read_text()
     assert "precision: bf16" in config and "num_layers: 1" in config
 
 
 def test_bench_profile_splits_a_step_into_matrix_products_attention_and_the_rest(satrun, tmp_path: Path) -> None:
     result = satrun("bench", "model=tiny", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=1",
-                    "bench.rates=[0.5]", "bench.profile=true", "hydra.run.dir=bench")
+                    "bench.rates=[0.5]", "bench.backward_rates=[]", "bench.profile=true", "hydra.run.dir=bench")
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
     for row in rows:

@@ -84,22 +84,25 @@ def run_bench(
     layer_rates: Sequence[float] | None = None,
     layer_attn_rate: float = 0.0,
     padded_batches: Sequence[dict] | None = None,
+    layer_omit: str = "forward",
 ) -> list[dict[str, Any]]:
     """One row per configuration: "plain" (CPT) or, given ``padded_batches`` (SFT: the same
     chats unpacked), "dense, padded, full head"; "dense"; then each rate (MLP channels, and
     heads at the same rate with ``cfg.heads``; MLP channels only where the sparsifier omits
-    neurons for unlabelled tokens only), then with ``layer_rates`` a row "layer rates" at those
-    per-layer MLP rates (the first stage's under ``scheduler.layer_scale``) and
-    ``layer_attn_rate``. With ``peak_flops`` (the device's peak in the step's precision), each
+    neurons for unlabelled tokens only), each of ``cfg.backward_rates`` as "backward <rate>" (the
+    forward dense, the sparse tokens' MLP backward on the kept channels: ``omit=backward``), then
+    with ``layer_rates`` a row "layer rates" at those per-layer MLP rates (the first stage's
+    under ``scheduler.layer_scale``), ``layer_attn_rate`` and ``layer_omit``. With ``peak_flops`` (the device's peak in the step's precision), each
     row also gets its model FLOP utilisation."""
     model.train()
     token_aware = sparsifier.tokens != "all"
     heads = cfg.heads and not token_aware
-    first = (PADDED, 0.0, 0.0) if padded_batches is not None else ("plain", 0.0, 0.0)
-    configs: list[tuple[str, Any, float]] = [first, ("dense", 0.0, 0.0)]
-    configs += [(f"rate {r:g}", r, r if heads else 0.0) for r in cfg.rates]
+    first = (PADDED, 0.0, 0.0, "forward") if padded_batches is not None else ("plain", 0.0, 0.0, "forward")
+    configs: list[tuple[str, Any, float, str]] = [first, ("dense", 0.0, 0.0, "forward")]
+    configs += [(f"rate {r:g}", r, r if heads else 0.0, "forward") for r in cfg.rates]
+    configs += [(f"backward {r:g}", r, 0.0, "backward") for r in cfg.backward_rates]
     if layer_rates is not None:
-        configs.append(("layer rates", tuple(layer_rates), layer_attn_rate))
+        configs.append(("layer rates", tuple(layer_rates), layer_attn_rate, layer_omit))
     steps: dict[str, Callable[..., None]] = {"plain": _plain_step, PADDED: _SatrunStep(sparsifier, every_position=True)}
     satrun_step = _SatrunStep(sparsifier)
     data = {name: padded_batches if name == PADDED else batches for name, *_ in configs}
@@ -108,8 +111,9 @@ def run_bench(
     select: dict[str, list[float]] = {name: [] for name, *_ in configs}
     for round_ in range(cfg.repeats * cfg.steps + 1):  # round 0 is warm-up
         shift = round_ % len(configs)  # rotate the order: no row always runs first
-        for name, rate, attn_rate in configs[shift:] + configs[:shift]:
+        for name, rate, attn_rate, omit in configs[shift:] + configs[:shift]:
             batch = data[name][round_ % len(data[name])]
+            sparsifier.omit = omit
             sparsifier.set_rates(rate, attn_rate, step=0)
             before = sparsifier.select_s
             runtime.synchronize(device)
@@ -121,19 +125,21 @@ def run_bench(
                 labelled[name].append(label_tokens(batch))
                 select[name].append((sparsifier.select_s - before) / times[name][-1])
     peak = {}
-    for name, rate, attn_rate in configs:  # one more, untimed step each: counting memory slows the step on CPU
+    for name, rate, attn_rate, omit in configs:  # one more, untimed step each: counting memory slows the step on CPU
+        sparsifier.omit = omit
         sparsifier.set_rates(rate, attn_rate, step=0)
         step = steps.get(name, satrun_step)
         peak[name] = peak_bytes(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
     shares = {}
-    for name, rate, attn_rate in configs if cfg.profile else ():
+    for name, rate, attn_rate, omit in configs if cfg.profile else ():
+        sparsifier.omit = omit
         sparsifier.set_rates(rate, attn_rate, step=0)
         step = steps.get(name, satrun_step)
         shares[name] = time_by_kind(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device)
     align, layers, tokens_mode = sparsifier.selector.align_on(device.type), sparsifier.layers, sparsifier.tokens
 
-    def flops_per_label(name: str, rate: Any, attn_rate: float) -> float:
+    def flops_per_label(name: str, rate: Any, attn_rate: float, omit: str) -> float:
         """The FLOP model's training FLOPs per labelled token of the row's batches."""
         total = 0.0
         for b in data[name]:
@@ -141,16 +147,16 @@ def run_bench(
             if name in (PADDED, "plain"):  # every position through the whole model, head included
                 total += b["input_ids"].numel() * token_flops(shape, length).train
             else:
-                total += step_flops(shape, length, token_counts(b), rate, attn_rate, align, layers, tokens_mode)
+                total += step_flops(shape, length, token_counts(b), rate, attn_rate, align, layers, tokens_mode, omit)
         return total / sum(label_tokens(b) for b in data[name])
 
-    dense_cost = flops_per_label("dense", 0.0, 0.0)
+    dense_cost = flops_per_label("dense", 0.0, 0.0, "forward")
     dense_rate = [n / t for n, t in zip(labelled["dense"], times["dense"])]
     rows = []
-    for name, rate, attn_rate in configs:
+    for name, rate, attn_rate, omit in configs:
         step_s = statistics.median(times[name])
         tokens = statistics.mean(labelled[name])
-        cost = flops_per_label(name, rate, attn_rate)
+        cost = flops_per_label(name, rate, attn_rate, omit)
         ideal = dense_cost / cost
         flops = tokens * cost  # the work this row really does per step
         ratios = [n / t / d for n, t, d in zip(labelled[name], times[name], dense_rate)]  # paired: same round
@@ -158,6 +164,7 @@ def run_bench(
         rows.append({
             "name": name,
             "rate": rate if isinstance(rate, float) else sum(rate) / len(rate),  # layer rates: their mean
+            "omit": omit,
             "step_s": step_s,
             "step_s_spread": [min(times[name]), max(times[name])],
             "step_s_samples": times[name],

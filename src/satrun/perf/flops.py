@@ -114,7 +114,7 @@ def token_flops(
     proj = core = mlp = adapters = 0.0
     r, i = shape.lora_rank, shape.intermediate
     for mlp_r, attn_r in zip(_per_layer(mlp_rate, shape.layers, layers), _per_layer(attn_rate, shape.layers, layers)):
-        mlp_keep = kept_count(i, mlp_r, align) / i if mlp_r else 1.0
+        mlp_keep = (0.0 if mlp_r >= 1.0 else kept_count(i, mlp_r, align) / i) if mlp_r else 1.0
         head_keep = kept_heads(shape.heads, shape.kv_heads, attn_r) / shape.heads if attn_r else 1.0
         kv_keep = head_keep if shape.heads == shape.kv_heads else 1.0
         proj += 2 * h * q_width * 2 * head_keep + 2 * h * kv_width * 2 * kv_keep
@@ -134,22 +134,33 @@ def ideal_speedup(
 
 
 TOKENS = ("all", "unlabelled")  # which tokens a sparse step computes sparsely (scheduler.tokens)
+OMIT = ("forward", "backward")  # where a sparse token omits neurons (scheduler.omit)
 
 
 def step_flops(
     shape: Shape, seq_len: int, counts: Sequence[int], mlp_rate: Rates = 0.0, attn_rate: Rates = 0.0, align: int = 1,
-    layers: Optional[Sequence[int]] = None, tokens: str = "all",
+    layers: Optional[Sequence[int]] = None, tokens: str = "all", omit: str = "forward",
 ) -> float:
     """Training FLOPs of one micro-batch whose rows are ``seq_len`` long, from its token counts
     (labelled, unlabelled, padding): every token runs the decoder, sparsely at the given rates
     where ``tokens`` makes it sparse (all of them, or the ``unlabelled`` ones and padding, the
-    labelled ones then running the full layers); the LM head runs at the labelled tokens only."""
+    labelled ones then running the full layers); the LM head runs at the labelled tokens only.
+
+    ``omit=forward``: a sparse token's omitted neurons are left out of its forward and backward
+    (the paper's sub-network). ``omit=backward``: its forward is dense and only its MLP backward
+    products (the weight and the input gradient's, twice the forward; the input gradient's alone
+    over a frozen base) shrink to the kept channels; at rate 1 they vanish. Counts ``(1, 0, 0)``
+    give the FLOPs of one CPT token."""
     if tokens not in TOKENS:
         raise ValueError(f"tokens={tokens!r} is not one of: {', '.join(TOKENS)}")
+    if omit not in OMIT:
+        raise ValueError(f"omit={omit!r} is not one of: {', '.join(OMIT)}")
     labelled, unlabelled, padding = counts
     dense = token_flops(shape, seq_len)
     sparse = token_flops(shape, seq_len, mlp_rate, attn_rate, align, layers)
     decoder = {f: f.train - f.head_train for f in (dense, sparse)}  # training FLOPs per token, LM head aside
+    if omit == "backward":  # the forward dense; the MLP's backward products at the kept fraction
+        decoder[sparse] = decoder[dense] - (1.0 if dense.frozen else 2.0) * (dense.mlp - sparse.mlp)
     sparse_n = labelled + unlabelled + padding if tokens == "all" else unlabelled + padding
     dense_n = labelled + unlabelled + padding - sparse_n
     return dense_n * decoder[dense] + sparse_n * decoder[sparse] + labelled * dense.head_train

@@ -139,7 +139,7 @@ def build_plan(
     shape: Shape, stages: list[Stage], seq_len: int, micro_batch: int, precision: str, align: int = 1,
     layers: Optional[Sequence[int]] = None, ranks: int = 1, strategy: str = "auto",
     split: Optional[Sequence[float]] = None, sparse_tokens: str = "all", grad_accum: int = 1,
-    checkpointing: bool = False,
+    checkpointing: bool = False, omit: str = "forward",
 ) -> dict[str, Any]:
     """Dense and per-stage FLOPs per token, ideal speed-ups, and a memory estimate per rank.
     ``align`` and ``layers`` are the selector's rounding and the sparsified layers, as in
@@ -153,9 +153,8 @@ def build_plan(
     positions = seq_len * micro_batch * grad_accum * ranks  # per optimizer step, all ranks
 
     def per_position(mlp_rates: Any, attn_rates: Any) -> float:
-        if split is None:
-            return token_flops(shape, seq_len, mlp_rates, attn_rates, align).train
-        return step_flops(shape, seq_len, split, mlp_rates, attn_rates, align, tokens=sparse_tokens)
+        counts = (1, 0, 0) if split is None else split  # CPT: every position a labelled token
+        return step_flops(shape, seq_len, counts, mlp_rates, attn_rates, align, tokens=sparse_tokens, omit=omit)
 
     dense_cost = per_position(0.0, 0.0)
     rows = []
@@ -187,13 +186,16 @@ def build_plan(
         "run_flop_fraction": sat_time / total_steps if total_steps else 1.0,  # SAT's training FLOPs over dense's
         "token_split": None if split is None else dict(zip(("labelled", "unlabelled", "padding"), split)),
         "sparse_tokens": sparse_tokens,
+        "omit": omit,
         "train_flops": {"dense": total_steps * positions * dense_cost, "sat": sat_time * positions * dense_cost},
         "ranks": ranks,
         "strategy": strategy,
         "activation_checkpointing": checkpointing,
         "memory_per_rank_bytes": memory_per_rank(shape, ranks, strategy, act, tokens, checkpointing=checkpointing),
         "memory_per_rank_first_stage_bytes": memory_per_rank(shape, ranks, strategy, act, tokens,
-                                                             1 - stages[0].mlp_rate, 1 - stages[0].attn_rate, checkpointing),
+                                                             # omit=backward keeps the forward's activations (fewer for backward: not modelled)
+                                                             1 - stages[0].mlp_rate if omit == "forward" else 1.0,
+                                                             1 - stages[0].attn_rate, checkpointing),
     }
 
 

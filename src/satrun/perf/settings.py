@@ -14,6 +14,7 @@ class PlanConfig:
 @dataclass
 class BenchConfig:
     rates: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # omission rates timed against dense
+    backward_rates: list[float] = field(default_factory=lambda: [0.5, 0.9, 1.0])  # the same with scheduler.omit=backward (dense forward)
     steps: int = 3  # steps x repeats timed steps per row, interleaved with the other rows' steps
     repeats: int = 3  # rounds of the rows
     heads: bool = True  # omit attention heads at the same rate as MLP channels

@@ -58,15 +58,25 @@ class Stage:
 def validate(cfg: SchedulerConfig) -> None:
     if cfg.name not in ("dense", "constant", "ladder"):
         raise ScheduleError(f"scheduler.name={cfg.name!r} is not one of: dense, constant, ladder")
-    for key, value in (("scheduler.rate", cfg.rate), ("scheduler.attn_rate", cfg.attn_rate)):
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ScheduleError(f"{key}={value} must be in [0, 1)")
+    if cfg.omit not in ("forward", "backward"):
+        raise ScheduleError(f"scheduler.omit={cfg.omit!r} is not one of: forward, backward")
+    backward = cfg.omit == "backward"  # a backward-only omission may drop every channel (rate 1)
+    if not (0.0 <= cfg.rate <= 1.0 if backward else 0.0 <= cfg.rate < 1.0):
+        raise ScheduleError(f"scheduler.rate={cfg.rate} must be in {'[0, 1]' if backward else '[0, 1)'}")
+    if cfg.attn_rate is not None and not 0.0 <= cfg.attn_rate < 1.0:
+        raise ScheduleError(f"scheduler.attn_rate={cfg.attn_rate} must be in [0, 1)")
+    attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
+    if backward and attn and cfg.name != "dense":
+        raise ScheduleError(f"scheduler.omit=backward omits MLP channels only: set scheduler.attn_rate=0 "
+                            f"(it is {cfg.attn_rate}{', the rate' if cfg.attn_rate is None else ''})")
     if cfg.layer_scale is not None:
         if not cfg.layer_scale or min(cfg.layer_scale) < 0.0:
             raise ScheduleError(f"scheduler.layer_scale={list(cfg.layer_scale)} must be one non-negative value per layer")
-        if cfg.rate * max(cfg.layer_scale) >= 1.0:
+        top = cfg.rate * max(cfg.layer_scale)
+        if top > 1.0 + 1e-9 or (top >= 1.0 and not backward):
             raise ScheduleError(
-                f"scheduler.rate={cfg.rate} x scheduler.layer_scale (up to {max(cfg.layer_scale):g}) reaches 1 in some layer; lower the rate"
+                f"scheduler.rate={cfg.rate} x scheduler.layer_scale (up to {max(cfg.layer_scale):g}) reaches "
+                f"{'beyond ' if backward else ''}1 in some layer; lower the rate"
             )
         if cfg.layers is not None:
             raise ScheduleError("scheduler.layer_scale and scheduler.layers exclude each other (a scale of 0 keeps a layer dense)")
@@ -85,7 +95,7 @@ def validate(cfg: SchedulerConfig) -> None:
 def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
     """The run's stages in order; they cover steps 0 .. max_steps - 1 exactly."""
     validate(cfg)
-    vector = None if cfg.layer_scale is None else tuple(cfg.rate * float(s) for s in cfg.layer_scale)
+    vector = None if cfg.layer_scale is None else tuple(min(1.0, cfg.rate * float(s)) for s in cfg.layer_scale)
     mlp = cfg.rate if vector is None else sum(vector) / len(vector)
     attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
     if cfg.name == "dense" or (mlp == 0.0 and attn == 0.0):

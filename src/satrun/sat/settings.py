@@ -53,6 +53,10 @@ class SchedulerConfig:
 
     ``tokens=unlabelled`` omits neurons only for the tokens that carry no loss (in SFT the
     prompts, the template and padding); the tokens that carry one run the full layers.
+
+    ``omit=backward`` keeps every forward dense (the model trains against the hidden states it
+    produces) and runs the MLP backward of the sparse tokens on the kept channels only; its rate
+    may be 1 (those tokens' MLP branch passes no gradient). Attention heads are not omitted.
     """
 
     name: str = "ladder"  # dense | constant | ladder
@@ -64,3 +68,4 @@ class SchedulerConfig:
     layers: Optional[list[int]] = None  # decoder layers to sparsify; None = all
     layer_scale: Optional[list[float]] = None  # layer l's MLP rate is rate * layer_scale[l]; None = rate everywhere
     tokens: str = "auto"  # which tokens omit neurons: all | unlabelled (those without a loss; SFT) | auto (unlabelled in SFT, all in CPT)
+    omit: str = "forward"  # forward: the kept sub-network runs forward and backward (the paper) | backward: dense forward, the sparse tokens' MLP backward on the kept channels (rate 1: none)

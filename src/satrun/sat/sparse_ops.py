@@ -218,3 +218,112 @@ def token_split_swiglu(
     """The SwiGLU MLP on the rows of ``x`` (``[tokens, hidden]``): ``dense_rows`` through every
     channel, ``sparse_rows`` through channels ``idx`` only, plus ``fill`` (no gradient)."""
     return _TokenSplitSwiGLU.apply(x, w_gate, w_up, w_down, idx, dense_rows, sparse_rows, fill, regather)
+
+
+class _ExactForwardSwiGLU(torch.autograd.Function):
+    """The dense SwiGLU MLP forward on every row of ``x`` (``[tokens, hidden]``); in backward the
+    ``dense_rows`` get the full products and the ``sparse_rows`` products on the channels that
+    ``choose`` keeps only (None for either row set: every row). ``choose(x_sparse, hidden_sparse)``
+    sees the sparse rows' input and SwiGLU activations from this forward and returns the kept
+    channels (sorted, int64); ``choose=None`` keeps none: the sparse rows' MLP branch then
+    carries no gradient at all, and their activations are not kept for backward.
+
+    Only what backward reads is kept: the dense rows' input, gate and up outputs in full, the
+    sparse rows' input and the kept columns of their gate and up outputs."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down, dense_rows, sparse_rows, choose, regather):  # type: ignore[no-untyped-def]
+        dtype = _compute_dtype(x)
+        xc = x.to(dtype)
+        full = tuple(w.to(dtype) for w in (w_gate, w_up, w_down))
+        with torch.autocast(x.device.type, enabled=False):
+            gate, up = F.linear(xc, full[0]), F.linear(xc, full[1])
+            hidden = F.silu(gate) * up
+            out = F.linear(hidden, full[2])
+        idx = None
+        if choose is not None:
+            pick = (lambda t: t) if sparse_rows is None else (lambda t: t.index_select(0, sparse_rows))
+            xs, gate_s, up_s = pick(xc), pick(gate), pick(up)
+            idx = choose(xs, pick(hidden))
+            sparse_saved = (xs, gate_s.index_select(1, idx), up_s.index_select(1, idx))
+        else:
+            sparse_saved = (None, None, None)
+        if sparse_rows is None:  # every row is sparse: no dense rows
+            dense_saved = (None, None, None)
+        elif dense_rows is None:
+            dense_saved = (xc, gate, up)
+        else:
+            dense_saved = tuple(t.index_select(0, dense_rows) for t in (xc, gate, up))
+        kept_w = (None,) * 3 if regather or idx is None else _kept(*full, idx, dtype)
+        full_w = (None,) * 3 if regather else full
+        ctx.save_for_backward(*dense_saved, *sparse_saved, *full_w, *kept_w, idx, dense_rows, sparse_rows)
+        ctx.params, ctx.in_dtype, ctx.dtype, ctx.rows = (w_gate, w_up, w_down), x.dtype, dtype, x.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        (x_d, gate_d, up_d, x_s, gate_s, up_s, wg, wu, wd, wg_k, wu_k, wd_k, idx, dense_rows,
+         sparse_rows) = ctx.saved_tensors
+        if wg is None:  # regather: cast (and slice) the weights as they are now
+            wg, wu, wd = (w.to(ctx.dtype) for w in ctx.params)
+            if idx is not None:
+                wg_k, wu_k, wd_k = _kept(wg, wu, wd, idx, ctx.dtype)
+        want = ctx.needs_input_grad
+        g = grad_out.to(wd.dtype)
+        all_sparse, no_sparse_grad = sparse_rows is None, idx is None
+        grads: list = [None, None, None]  # gate, up, down
+        # rows whose MLP branch passes no gradient get zeros (not None even where no row passes one:
+        # under DDP every parameter upstream, the layer's norm among them, must get a gradient)
+        grad_x = g.new_zeros(ctx.rows, wg.shape[1]) if want[0] else None
+        if not all_sparse:  # the dense rows: the full products
+            dy = g if dense_rows is None else g.index_select(0, dense_rows)
+            d_x, grads = _swiglu_backward(dy, x_d, gate_d, up_d, wg, wu, wd, want)
+            if grad_x is not None:
+                if dense_rows is None:
+                    grad_x = d_x
+                else:
+                    grad_x.index_copy_(0, dense_rows, d_x)
+        if not no_sparse_grad:  # the sparse rows: the kept channels' products, added into the full-size gradients
+            dy = g if all_sparse else g.index_select(0, sparse_rows)
+            d_x, parts = _swiglu_backward(dy, x_s, gate_s, up_s, wg_k, wu_k, wd_k, want)
+            if grad_x is not None:
+                if all_sparse:
+                    grad_x = d_x
+                else:
+                    grad_x.index_copy_(0, sparse_rows, d_x)
+            for i, part in enumerate(parts):
+                if part is None:
+                    continue
+                dim = 1 if i == 2 else 0
+                if grads[i] is None:
+                    grads[i] = torch.zeros_like(ctx.params[i], dtype=part.dtype).index_copy_(dim, idx, part)
+                else:  # add the kept slice in, without index_add_'s atomics
+                    grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
+        for i, p in enumerate(ctx.params):
+            if want[i + 1] and grads[i] is None:  # no row gave this weight a gradient (rows all sparse at rate 1)
+                grads[i] = torch.zeros_like(p)
+        grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
+        return (None if grad_x is None else grad_x.to(ctx.in_dtype)), *grads, None, None, None, None
+
+
+def _swiglu_backward(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, w_gate: torch.Tensor,
+                     w_up: torch.Tensor, w_down: torch.Tensor, want: tuple) -> tuple[torch.Tensor, list]:
+    """The SwiGLU MLP's input gradient and its weights' gradients (None where not wanted) for
+    rows ``x`` with gate and up outputs ``gate`` and ``up`` (on the channels of the weights given)."""
+    act = F.silu(gate)
+    d_hidden = dy @ w_down
+    d_up = d_hidden * act
+    d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # one fused pass, as dense autograd
+    grads = [d_gate.t() @ x if want[1] else None, d_up.t() @ x if want[2] else None,
+             dy.t() @ (act * up) if want[3] else None]
+    return (d_gate @ w_gate).addmm_(d_up, w_up), grads
+
+
+def exact_forward_swiglu(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    dense_rows: Optional[torch.Tensor], sparse_rows: Optional[torch.Tensor], choose, regather: bool = False,
+) -> torch.Tensor:
+    """The SwiGLU MLP on the rows of ``x`` (``[tokens, hidden]``), computed densely; its backward
+    restricted to the channels ``choose`` keeps for ``sparse_rows`` (``sparse_rows=None``: every
+    row; ``choose=None``: no channel, so those rows' MLP branch passes no gradient)."""
+    return _ExactForwardSwiGLU.apply(x, w_gate, w_up, w_down, dense_rows, sparse_rows, choose, regather)

@@ -34,7 +34,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
 from satrun.sat.settings import MetricConfig, SelectorConfig
-from satrun.sat.sparse_ops import gathered_linear, sparse_swiglu, token_split_swiglu
+from satrun.sat.sparse_ops import exact_forward_swiglu, gathered_linear, sparse_swiglu, token_split_swiglu
+
+
+OMIT = ("forward", "backward")  # where neurons are omitted: the paper's sub-network, or the backward only
 
 
 class UnsupportedModel(ValueError):
@@ -64,10 +67,13 @@ class Sparsifier:
     seed: int = 0
     tokens: str = "all"  # all | unlabelled: which tokens omit neurons (see the module's docstring)
     regather: bool = False  # keep indices, not weight slices, for backward (FSDP2: see sparse_ops)
+    omit: str = "forward"  # forward | backward: where omitted neurons are left out (see the module's docstring)
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "unlabelled"):
             raise ValueError(f"tokens={self.tokens!r} is not one of: all, unlabelled")
+        if self.omit not in OMIT:
+            raise ValueError(f"omit={self.omit!r} is not one of: {', '.join(OMIT)}")
         self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if self.metric.name not in importance.METRICS:
             raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
@@ -91,6 +97,8 @@ class Sparsifier:
         self._clock = _Clock()  # time spent scoring and selecting, since creation
         self._generators: dict[torch.device, torch.Generator] = {}
         self._patched: list[torch.nn.Module] = []
+        self._adapted = any(_lora_of(getattr(decoder[i].mlp, name)) is not None for i in chosen
+                            for name in ("gate_proj", "up_proj", "down_proj"))
         for i in chosen:
             layer = decoder[i]
             for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, _attention_forward)):
@@ -118,6 +126,14 @@ class Sparsifier:
         if self.tokens == "unlabelled" and attn_rate:
             raise ValueError("attention heads are kept when only unlabelled tokens omit neurons (tokens=unlabelled): "
                              f"attention rate {attn_rate} must be 0")
+        top = max(self._mlp_layer_rates) if self._mlp_layer_rates is not None else self.mlp_rate
+        if self.omit == "backward":
+            if attn_rate:
+                raise ValueError(f"omit=backward omits MLP channels only: attention rate {attn_rate} must be 0")
+            if top > 0.0 and self._adapted:
+                raise ValueError("omit=backward computes MLPs without LoRA adapters (use omit=forward with adapters)")
+        elif top >= 1.0:
+            raise ValueError(f"omit=forward keeps a sub-network: MLP rate {top} must be below 1")
         self.attn_rate, self.step = attn_rate, step
         self._generators.clear()
 
@@ -317,6 +333,8 @@ def _sparse_linear(linear: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, 
 
 
 def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if self._sat.owner.omit == "backward":
+        return _exact_forward_mlp(self, x)
     selected = _mlp_selection(self, x)
     if selected is None:
         return type(self).forward(self, x)
@@ -388,6 +406,39 @@ def _mlp_selection(self: torch.nn.Module, x: torch.Tensor) -> Optional[tuple]:
             kept = owner.choose(scores[None], k, x.device)[0]
             slot.last = (kept, _omitted_mean_output(mean, w_down, kept, _lora_of(self.down_proj)) if fill else None, rows)
     return slot.last
+
+
+@torch.compiler.disable
+def _exact_forward_mlp(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``omit=backward``: the MLP's forward exactly as dense; its backward for the sparse rows
+    (every row, or the unlabelled ones under the token split) on the kept channels only, chosen
+    from those rows' activations in this forward (every row scored: they are computed anyway);
+    at rate 1 on none (those rows' MLP branch passes no gradient). Outside torch.compile's
+    graphs, as :func:`_mlp_selection` (the selection runs inside the forward)."""
+    slot: _LayerSlot = self._sat
+    owner = slot.owner
+    rate = owner.mlp_rate_of(slot.layer)
+    if not self.training or rate == 0.0:
+        return type(self).forward(self, x)
+    flat = x.reshape(-1, x.shape[-1])
+    rows = owner.token_rows(flat.shape[0])
+    w_gate, w_up, w_down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+
+    def choose(xs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        if _in_backward() and slot.last is not None:  # activation checkpointing's recompute
+            return slot.last[0]
+        with torch.no_grad(), owner._clock.measure(x.device):
+            scores = owner.agree(importance.channel_scores(owner.metric.name, xs, w_gate, w_up, w_down, 1,
+                                                           owner.generator(x.device), hidden))
+            k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
+            kept = owner.choose(scores[None], k, x.device)[0]
+        slot.last = (kept, None, rows)
+        return kept
+
+    dense_rows, sparse_rows = rows if rows is not None else (None, None)
+    out = exact_forward_swiglu(flat, w_gate, w_up, w_down, dense_rows, sparse_rows, None if rate >= 1.0 else choose,
+                               owner.regather)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.Tensor,
