@@ -298,3 +298,24 @@ def test_sft_record_settings_are_read_where_they_are_set_and_refused_elsewhere(c
     assert (cfg.data.schema, cfg.data.messages_field, cfg.data.system_field) == ("messages", "chat", "sys")
     assert sparse_tokens(_typed(compose, *jsonl)) == "unlabelled"
     assert sparse_tokens(_typed(compose, *jsonl, "mode.train_on_inputs=true")) == "all"  # every token carries a loss
+
+
+def test_the_backward_omission_takes_rate_one_and_refuses_what_it_does_not_read(compose) -> None:
+    backward = ["scheduler.omit=backward", "scheduler.layer_scale=null"]
+    cfg = _typed(compose, "mode=sft", "data=chatterbot", *backward, "scheduler.rate=1.0")
+    assert cfg.scheduler.omit == "backward" and cfg.scheduler.rate == 1.0
+    with pytest.raises(UsageError, match=r"scheduler.rate=1.0 must be in \[0, 1\)"):
+        _typed(compose, "mode=sft", "data=chatterbot", "scheduler.layer_scale=null", "scheduler.rate=1.0")
+    with pytest.raises(UsageError, match="omits MLP channels only: set scheduler.attn_rate=0"):
+        _typed(compose, *backward, "scheduler=constant", "~calibration")  # constant omits heads at the rate by default
+    assert _typed(compose, *backward, "scheduler=constant", "scheduler.attn_rate=0").scheduler.omit == "backward"
+    with pytest.raises(UsageError, match="selector.fill=zero does nothing with scheduler.omit=backward"):
+        _typed(compose, *backward, "selector.fill=zero")
+    with pytest.raises(UsageError, match="metric.token_stride=2 does nothing with scheduler.omit=backward"):
+        _typed(compose, *backward, "metric.token_stride=2")
+    with pytest.raises(UsageError, match="scheduler.omit=backward computes MLPs without adapters"):
+        _typed(compose, *backward, "adapter=lora")
+    with pytest.raises(UsageError, match="scheduler.omit='sideways' is not one of: forward, backward"):
+        _typed(compose, "scheduler.omit=sideways")
+    with pytest.raises(UsageError, match="does nothing with scheduler=dense"):
+        _typed(compose, "scheduler=dense", "scheduler.omit=backward")

@@ -43,8 +43,9 @@ def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: 
         assert {"sparse", "dense"} <= stages and len(stages) >= 4
 
 
-def test_packed_sft_with_token_aware_sat_resumes_bit_exactly(satrun, tmp_path: Path) -> None:
-    sft = [*SHORT, "mode=sft", "data=chatterbot", "trainer.seq_len=128"]
+@pytest.mark.parametrize("omit", ["forward", "backward"])
+def test_packed_sft_with_token_aware_sat_resumes_bit_exactly(satrun, tmp_path: Path, omit: str) -> None:
+    sft = [*SHORT, "mode=sft", "data=chatterbot", "trainer.seq_len=128", f"scheduler.omit={omit}"]
     full = satrun("train", *sft, "hydra.run.dir=full")
     assert full.returncode == 0, full.stderr
     resumed = satrun("train", *sft, "resume=full/checkpoints/step_5", "hydra.run.dir=resumed")

@@ -26,7 +26,12 @@ SCHEDULERS = {"dense": ["scheduler=dense"],
               # can flip a channel)
               "sft-sat": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0",
                           "metric=random", "selector.fill=zero"],
-              "lora": ["scheduler=dense", "adapter=lora", "adapter.r=4", "optim.lr=1e-2"]}
+              "lora": ["scheduler=dense", "adapter=lora", "adapter.r=4", "optim.lr=1e-2"],
+              # the forward dense, the backward on the kept channels (all tokens; the unlabelled ones)
+              "backward": ["scheduler=constant", "scheduler.rate=0.5", "scheduler.attn_rate=0", "scheduler.omit=backward",
+                           "metric=random"],
+              "sft-backward": ["mode=sft", "data=chatterbot", "scheduler=constant", "scheduler.rate=0.5",
+                               "scheduler.attn_rate=0", "scheduler.omit=backward", "metric=random"]}
 
 
 def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -75,7 +80,8 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat"),
-                                                ("ddp", "sft-sat"), ("ddp", "lora")])  # FSDP2 LoRA: below
+                                                ("ddp", "sft-sat"), ("ddp", "lora"), ("ddp", "backward"),
+                                                ("fsdp", "backward"), ("ddp", "sft-backward")])  # FSDP2 LoRA: below
 def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
     result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
                       tmp_path)

@@ -171,3 +171,44 @@ def test_lora_training_flops_match_an_independent_count_of_forward_and_backward(
     assert mm == pytest.approx(ours.train - 3 * ours.attn_core, rel=1e-6)  # SDPA's kernel is not counted on CPU
     full = token_flops(Shape.from_config(base.config), SEQ, rate, rate)
     assert ours.train < full.train  # no weight gradient for the base
+
+
+@pytest.mark.parametrize("tokens, rate", [("unlabelled", 0.5), ("unlabelled", 1.0), ("all", 0.75)])
+def test_backward_omission_flops_match_an_independent_count_of_forward_and_backward(tokens: str, rate: float) -> None:
+    """``omit=backward``: the decoder's matrix products over a forward and its backward, as
+    counted by torch, equal the FLOP model's (the forward dense, the sparse tokens' MLP backward
+    on the kept channels, none at rate 1)."""
+    from satrun.data.batches import collate, token_counts
+    from satrun.data.packing import pack_chats
+    from satrun.labels import IGNORE
+    from satrun.perf.flops import step_flops
+
+    model = tiny(4, 2)
+    g = torch.Generator().manual_seed(0)
+    chats = []
+    for n, prompt in [(12, 7), (9, 5), (14, 10), (6, 2)]:
+        ids = torch.randint(0, 97, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE
+        chats.append((ids, labels))
+    batch = collate(pack_chats(chats, SEQ), pad_id=0)
+    counts = token_counts(batch)
+    shape, length = Shape.from_config(model.config), batch["input_ids"].shape[1]
+    sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(), tokens=tokens, omit="backward")
+    sat.set_rates(rate, 0.0, step=0)
+    sat.set_token_rows(batch["loss_rows"], batch["free_rows"])
+    with FlopCounterMode(display=False) as counter:
+        hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        hidden.last_hidden_state.square().sum().backward()
+    mm = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    dense = token_flops(shape, length)
+    expected = step_flops(shape, length, counts, rate, 0.0, tokens=tokens, omit="backward")
+    expected -= counts[0] * dense.head_train + 3 * sum(counts) * dense.attn_core  # the head runs apart; SDPA is not counted
+    assert mm == pytest.approx(expected)
+    # the forward form at the same rate saves more; a backward omission saves at most two thirds of the MLP
+    if rate < 1.0:
+        assert step_flops(shape, length, counts, rate, 0.0, tokens=tokens) < step_flops(
+            shape, length, counts, rate, 0.0, tokens=tokens, omit="backward")
+    sparse_n = sum(counts) - (counts[0] if tokens == "unlabelled" else 0)
+    assert step_flops(shape, length, counts) - step_flops(shape, length, counts, 1.0, 0.0, tokens=tokens, omit="backward") \
+        == pytest.approx(2 * sparse_n * dense.mlp)

@@ -316,7 +316,7 @@ def _swiglu_backward(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: 
     d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # one fused pass, as dense autograd
     grads = [d_gate.t() @ x if want[1] else None, d_up.t() @ x if want[2] else None,
              dy.t() @ (act * up) if want[3] else None]
-    return (d_gate @ w_gate).addmm_(d_up, w_up), grads
+    return torch.addmm(d_gate @ w_gate, d_up, w_up), grads
 
 
 def exact_forward_swiglu(

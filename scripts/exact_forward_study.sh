@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The exact-forward study of docs/quality.md section 9: SAT with the forward dense and only the
+# sparse tokens' MLP backward on the kept channels (scheduler.omit=backward), against dense
+# training with its own full schedule at equal training FLOPs and at the same steps.
+#
+# SFT (chatterbot packed into rows of 256 tokens, 40 steps of 4 rows, held-out answer loss on all
+# held-out chats every 10 steps; seeds 1234 and 1):
+#   bw90-sN    omit=backward, rate 0.9 in every layer (10% of the channels kept for the prompt
+#              tokens' backward), 90% of the steps, then dense
+#   bw100-sN   the same at rate 1: the prompt tokens' MLP branch passes no gradient
+#   dense40-sN, dense30-sN, dense29-sN   dense training, its own schedule (30 and 29 steps: the
+#              FLOPs of bw90 and bw100)
+#   bench      `satrun bench mode=sft data=chatterbot` (run alone): packed dense, the paper-form
+#              default (layer rates) and omit=backward at 0.5, 0.9 and 1
+# CPT (World English Bible, 150 steps of 4 x 256 tokens, held-out loss on all held-out blocks at
+# the end; seeds 1234 and 7):
+#   cpt-bw50-sN    omit=backward, rate 0.5 in every layer for every token, 90% of the steps, then dense
+#   cpt-dense150-sN, cpt-denseM-sN   dense training, its own schedule (M: cpt-bw50's FLOPs)
+# About 15-20 min per CPT run.
+# About 8 min per SFT run on two CPU cores; set JOBS=2 to run two at a time (the bench runs
+# alone afterwards: its rows are timed side by side in one process).
+#
+#   scripts/exact_forward_study.sh               # into outputs/exact-forward-study
+#   ONLY="bw90 dense30" scripts/exact_forward_study.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/exact-forward-study}
+# shellcheck source=scripts/study_common.sh
+source scripts/study_common.sh
+
+SFT=(mode=sft data=chatterbot trainer.max_steps=40 trainer.eval_every=10 trainer.eval_batches=0 trainer.progress=log)
+BACKWARD=(scheduler.omit=backward scheduler.layer_scale=null)  # the SFT calibration's 90% sparse, then dense
+
+for seed in 1234 1; do
+    run "bw90-s$seed" "${SFT[@]}" trainer.seed=$seed "${BACKWARD[@]}" scheduler.rate=0.9
+    run "bw100-s$seed" "${SFT[@]}" trainer.seed=$seed "${BACKWARD[@]}" scheduler.rate=1.0
+    run "dense40-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense
+    run "dense30-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=30
+    run "dense29-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=29
+done
+CPT=(trainer.max_steps=150 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log "~calibration")
+BW50=(scheduler.omit=backward scheduler.rate=0.5 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1)
+for seed in 1234 7; do
+    run "cpt-bw50-s$seed" "${CPT[@]}" trainer.seed=$seed "${BW50[@]}"
+    run "cpt-dense150-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense
+    if [ -f "$OUT/cpt-bw50-s$seed/summary.json" ] && [ -f "$OUT/cpt-dense150-s$seed/summary.json" ]; then
+        M=$(same_flops "$OUT/cpt-bw50-s$seed" "$OUT/cpt-dense150-s$seed")
+        run "cpt-dense$M-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$M"
+    fi
+done
+if selected bench && [ ! -f "$OUT/bench/bench.json" ]; then
+    "$SATRUN" bench mode=sft data=chatterbot bench.rates=[0.7] bench.backward_rates=[0.5,0.9,1.0] \
+        hydra.run.dir="$OUT/bench" > "$OUT/bench.log" 2>&1
+fi
+for seed in 1234 1; do
+    report "$OUT/sft-s$seed" --bench bench "dense 40=$OUT/dense40-s$seed" "dense 30=$OUT/dense30-s$seed" \
+        "dense 29=$OUT/dense29-s$seed" "exact forward, backward rate 0.9=$OUT/bw90-s$seed" \
+        "exact forward, backward rate 1=$OUT/bw100-s$seed"
+done
