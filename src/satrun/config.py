@@ -306,8 +306,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("bench.steps and bench.repeats must be at least 1, bench.rates in (0, 1) and "
                          "bench.backward_rates in (0, 1]")
     p = cfg.probe
-    if p.batches < 1 or not p.rates or not all(0.0 < r < 1.0 for r in [*p.rates, p.layer_rate]):
-        raise UsageError("probe.batches must be at least 1, probe.rates and probe.layer_rate in (0, 1)")
+    top = 1.0 if cfg.scheduler.omit == "backward" else 0.999999  # a backward omission may keep no channel
+    if p.batches < 1 or not p.rates or not all(0.0 < r <= top for r in [*p.rates, p.layer_rate]):
+        raise UsageError("probe.batches must be at least 1, probe.rates and probe.layer_rate in (0, 1) "
+                         "((0, 1] with scheduler.omit=backward)")
     unknown = [m for m in p.metrics if m not in METRICS]
     if unknown:
         raise UsageError(f"probe.metrics: {unknown} not among {', '.join(METRICS)}")

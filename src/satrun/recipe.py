@@ -23,7 +23,7 @@ from satrun.models.adapters import (ADAPTER_FOLDER, BASE_FOLDER, add_adapters, i
                                     weights_source)
 from satrun.perf.bench import print_bench, run_bench
 from satrun.perf import probe
-from satrun.perf.flops import Shape, ideal_speedup, step_flops
+from satrun.perf.flops import Shape, step_flops
 from satrun.perf.plan import build_plan, print_plan, shape_of, write_plan
 from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
@@ -347,9 +347,10 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     writes probe.json, probe.png and conf/scheduler/calibrated.yaml."""
     t, p = cfg.trainer, cfg.probe
     _refuse_adapters(cfg, "probe")
-    if cfg.scheduler.omit == "backward":
-        raise UsageError("satrun probe measures sub-network forwards; with scheduler.omit=backward the forward is dense "
-                         "(leave scheduler.omit out to probe the forward form)")
+    backward = cfg.scheduler.omit == "backward"  # the forward is exact: gradients are screened, not losses
+    if backward and p.target_speedup is not None:
+        raise UsageError("probe.target_speedup calibrates the forward form; with scheduler.omit=backward the probe "
+                         "measures gradients only (leave probe.target_speedup out)")
     if p.target_speedup is not None and cfg.scheduler.name == "dense":
         raise UsageError("probe.target_speedup calibrates a sparse schedule: choose scheduler=ladder or constant")
     _, model, corpus = load_inputs(cfg)
@@ -359,6 +360,8 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     batches = [{k: v.to(device) for k, v in next(stream).items()} for _ in range(p.batches)]
     shape, attn, tokens = Shape.from_config(model.config), _attn_rate(cfg), sparse_tokens(cfg)
     speedup = _probe_speedup(cfg, shape, batches)
+    if backward:
+        return _gradient_probe(cfg, model, batches, speedup, run_dir)
     metrics = list(dict.fromkeys([*p.metrics, cfg.metric.name]))  # the configured metric is always measured
     with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
         result = probe.measure(model, batches, metrics, p.rates, cfg.metric, cfg.selector, p.layer_rate, attn, t.seed,
@@ -386,6 +389,23 @@ def run_probe(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         print(f"calibration written to {out}; train with:\n"
               f"  satrun train calibration=calibrated {_sat_overrides(cfg)} --config-dir {run_dir / 'conf'}")
     print(f"probe written to {run_dir / 'probe.json'} and probe.png")
+    return result
+
+
+def _gradient_probe(cfg: TrainConfig, model: PreTrainedModel, batches: list[dict], speedup: Callable,
+                    run_dir: Path) -> dict[str, Any]:
+    """``satrun probe scheduler.omit=backward``: the sparse-backward gradient against the dense one."""
+    t, p = cfg.trainer, cfg.probe
+    device = runtime.resolve_device(t.device)
+    with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
+        result = probe.gradient_agreement(model, batches, p.rates, cfg.metric, cfg.selector, p.layer_rate, t.seed,
+                                          sparse_tokens(cfg))
+    result.update(metric=cfg.metric.name, selector=cfg.selector.name, batches=p.batches, mode=cfg.mode.name,
+                  tokens_per_batch=t.micro_batch_size * t.seq_len, sparse_tokens=sparse_tokens(cfg),
+                  ideal_speedups=[speedup(r) for r in p.rates])
+    (run_dir / "probe.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    probe.print_gradient_probe(result)
+    print(f"probe written to {run_dir / 'probe.json'}")
     return result
 
 
@@ -498,14 +518,13 @@ def _probe_speedup(cfg: TrainConfig, shape: Shape, batches: list[dict]) -> Calla
     unlabelled ones may be sparse and the LM head runs at the labelled ones)."""
     t, attn = cfg.trainer, _attn_rate(cfg)
     align = cfg.selector.align_on(runtime.resolve_device(t.device).type)
-    if cfg.mode.name == "cpt":
-        return lambda rates: ideal_speedup(shape, t.seq_len, rates, attn, align, cfg.scheduler.layers)
-    counts = [sum(c) for c in zip(*(token_counts(b) for b in batches))]
-    tokens = sparse_tokens(cfg)
+    # CPT: every position a labelled token
+    counts = (1, 0, 0) if cfg.mode.name == "cpt" else [sum(c) for c in zip(*(token_counts(b) for b in batches))]
+    tokens, omit = sparse_tokens(cfg), cfg.scheduler.omit
 
     def speedup(rates: Any) -> float:
         dense = step_flops(shape, t.seq_len, counts)
-        return dense / step_flops(shape, t.seq_len, counts, rates, attn, align, cfg.scheduler.layers, tokens)
+        return dense / step_flops(shape, t.seq_len, counts, rates, attn, align, cfg.scheduler.layers, tokens, omit)
 
     return speedup
 

@@ -47,3 +47,18 @@ def test_sft_probe_measures_answer_losses_with_the_token_split(satrun, tmp_path:
     assert 1.0 < found["ideal_speedups"][0] < found["ideal_speedups"][1]
     assert abs(found["sensitivity"][-1]) < 1e-5  # the last layer's unlabelled rows reach no loss (up to rounding)
     assert found["calibration"]["ideal_speedup"] >= 1.0001
+
+
+def test_backward_omission_probe_compares_gradients(satrun, tmp_path: Path) -> None:
+    result = satrun("probe", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "scheduler.omit=backward",
+                    "probe.rates=[0.5,1.0]", "probe.layer_rate=1.0", "probe.batches=1", "hydra.run.dir=probe")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert found["omit"] == "backward" and found["sparse_tokens"] == "unlabelled" and found["rates"] == [0.5, 1.0]
+    assert 1.0 < found["ideal_speedups"][0] < found["ideal_speedups"][1]
+    assert all(-1.0 <= c < 1.0 for c in found["gradient_cosine"])  # a sparse backward changes the gradient
+    assert [len(layers) for layers in found["layer_gradient_cosine"]] == [2, 2]
+    # the last layer's unlabelled rows reach no loss: their backward carries nothing to omit
+    assert abs(found["sensitivity"][-1]) < 1e-6 < found["sensitivity"][0]
+    refused = satrun("probe", "model=tiny", "scheduler.omit=backward", "probe.target_speedup=1.2")
+    assert refused.returncode == 2 and "measures gradients only" in refused.stderr
