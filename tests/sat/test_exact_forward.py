@@ -56,7 +56,8 @@ def check(arch: str, rates: list[float], tokens: str, batch: dict, tol_grad: flo
         sparse[batch["free_rows"]] = True
     logits, grads = run(model, batch)
     dense_logits, dense_grads = run(dense, batch)
-    assert_close(logits, dense_logits, "logits against dense")  # the forward is dense's
+    diff = (logits - dense_logits).abs().max().item()
+    assert diff <= 1e-6, f"logits against dense: max abs diff {diff:.2e}"  # the forward is dense's
     masked_backward_reference(reference, sat, batch, sparse, rates)
     ref_logits, ref_grads = run(reference, batch)
     assert grads.keys() == ref_grads.keys() == dense_grads.keys()
