@@ -223,37 +223,43 @@ def token_split_swiglu(
 class _ExactForwardSwiGLU(torch.autograd.Function):
     """The dense SwiGLU MLP forward on every row of ``x`` (``[tokens, hidden]``); in backward the
     ``dense_rows`` get the full products and the ``sparse_rows`` products on the channels that
-    ``choose`` keeps only (None for either row set: every row). ``choose(x_sparse, hidden_sparse)``
+    ``choose`` keeps only (both None: every row is sparse). ``choose(x_sparse, hidden_sparse)``
     sees the sparse rows' input and SwiGLU activations from this forward and returns the kept
     channels (sorted, int64); ``choose=None`` keeps none: the sparse rows' MLP branch then
     carries no gradient at all, and their activations are not kept for backward.
 
-    Only what backward reads is kept: the dense rows' input, gate and up outputs in full, the
-    sparse rows' input and the kept columns of their gate and up outputs."""
+    The two row sets are computed apart (the rows of ``x`` gathered, the outputs scattered back:
+    hidden-wide copies, not intermediate-wide ones), and only what backward reads is kept: the
+    dense rows' input, gate and up outputs, the sparse rows' input and the kept columns of their
+    gate and up outputs."""
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up, w_down, dense_rows, sparse_rows, choose, regather):  # type: ignore[no-untyped-def]
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
         full = tuple(w.to(dtype) for w in (w_gate, w_up, w_down))
-        with torch.autocast(x.device.type, enabled=False):
-            gate, up = F.linear(xc, full[0]), F.linear(xc, full[1])
-            hidden = F.silu(gate) * up
-            out = F.linear(hidden, full[2])
         idx = None
+        with torch.autocast(x.device.type, enabled=False):
+            if sparse_rows is None:  # every row sparse: no row gathers at all
+                xs, dense_saved, out = xc, (None, None, None), None
+            else:  # each row set computed apart: only hidden-wide tensors are gathered and scattered
+                xd, xs = xc.index_select(0, dense_rows), xc.index_select(0, sparse_rows)
+                gate_d, up_d = F.linear(xd, full[0]), F.linear(xd, full[1])
+                out = torch.empty(x.shape[0], w_down.shape[0], dtype=dtype, device=x.device)
+                out.index_copy_(0, dense_rows, F.linear(F.silu(gate_d) * up_d, full[2]))
+                dense_saved = (xd, gate_d, up_d)
+            gate_s, up_s = F.linear(xs, full[0]), F.linear(xs, full[1])
+            hidden_s = F.silu(gate_s) * up_s
+            out_s = F.linear(hidden_s, full[2])
         if choose is not None:
-            pick = (lambda t: t) if sparse_rows is None else (lambda t: t.index_select(0, sparse_rows))
-            xs, gate_s, up_s = pick(xc), pick(gate), pick(up)
-            idx = choose(xs, pick(hidden))
+            idx = choose(xs, hidden_s)
             sparse_saved = (xs, gate_s.index_select(1, idx), up_s.index_select(1, idx))
         else:
             sparse_saved = (None, None, None)
-        if sparse_rows is None:  # every row is sparse: no dense rows
-            dense_saved = (None, None, None)
-        elif dense_rows is None:
-            dense_saved = (xc, gate, up)
+        if out is None:
+            out = out_s
         else:
-            dense_saved = tuple(t.index_select(0, dense_rows) for t in (xc, gate, up))
+            out.index_copy_(0, sparse_rows, out_s)
         kept_w = (None,) * 3 if regather or idx is None else _kept(*full, idx, dtype)
         full_w = (None,) * 3 if regather else full
         ctx.save_for_backward(*dense_saved, *sparse_saved, *full_w, *kept_w, idx, dense_rows, sparse_rows)
@@ -272,25 +278,16 @@ class _ExactForwardSwiGLU(torch.autograd.Function):
         g = grad_out.to(wd.dtype)
         all_sparse, no_sparse_grad = sparse_rows is None, idx is None
         grads: list = [None, None, None]  # gate, up, down
-        # rows whose MLP branch passes no gradient get zeros (not None even where no row passes one:
-        # under DDP every parameter upstream, the layer's norm among them, must get a gradient)
-        grad_x = g.new_zeros(ctx.rows, wg.shape[1]) if want[0] else None
+        grad_x = None
         if not all_sparse:  # the dense rows: the full products
-            dy = g if dense_rows is None else g.index_select(0, dense_rows)
-            d_x, grads = _swiglu_backward(dy, x_d, gate_d, up_d, wg, wu, wd, want)
-            if grad_x is not None:
-                if dense_rows is None:
-                    grad_x = d_x
-                else:
-                    grad_x.index_copy_(0, dense_rows, d_x)
+            d_x, grads = _swiglu_backward(g.index_select(0, dense_rows), x_d, gate_d, up_d, wg, wu, wd, want)
+            if want[0]:  # the sparse rows' part stays zero at rate 1
+                grad_x = g.new_zeros(ctx.rows, wg.shape[1]).index_copy_(0, dense_rows, d_x)
         if not no_sparse_grad:  # the sparse rows: the kept channels' products, added into the full-size gradients
             dy = g if all_sparse else g.index_select(0, sparse_rows)
             d_x, parts = _swiglu_backward(dy, x_s, gate_s, up_s, wg_k, wu_k, wd_k, want)
-            if grad_x is not None:
-                if all_sparse:
-                    grad_x = d_x
-                else:
-                    grad_x.index_copy_(0, sparse_rows, d_x)
+            if want[0]:
+                grad_x = d_x if all_sparse else grad_x.index_copy_(0, sparse_rows, d_x)
             for i, part in enumerate(parts):
                 if part is None:
                     continue
@@ -299,8 +296,12 @@ class _ExactForwardSwiGLU(torch.autograd.Function):
                     grads[i] = torch.zeros_like(ctx.params[i], dtype=part.dtype).index_copy_(dim, idx, part)
                 else:  # add the kept slice in, without index_add_'s atomics
                     grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
+        # every row sparse at rate 1: zeros, not None (under DDP every parameter, the layer's norm
+        # upstream among them, must get a gradient)
+        if want[0] and grad_x is None:
+            grad_x = g.new_zeros(ctx.rows, wg.shape[1])
         for i, p in enumerate(ctx.params):
-            if want[i + 1] and grads[i] is None:  # no row gave this weight a gradient (rows all sparse at rate 1)
+            if want[i + 1] and grads[i] is None:
                 grads[i] = torch.zeros_like(p)
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
         return (None if grad_x is None else grad_x.to(ctx.in_dtype)), *grads, None, None, None, None
@@ -324,6 +325,6 @@ def exact_forward_swiglu(
     dense_rows: Optional[torch.Tensor], sparse_rows: Optional[torch.Tensor], choose, regather: bool = False,
 ) -> torch.Tensor:
     """The SwiGLU MLP on the rows of ``x`` (``[tokens, hidden]``), computed densely; its backward
-    restricted to the channels ``choose`` keeps for ``sparse_rows`` (``sparse_rows=None``: every
-    row; ``choose=None``: no channel, so those rows' MLP branch passes no gradient)."""
+    restricted to the channels ``choose`` keeps for ``sparse_rows`` (both row sets None: every
+    row sparse; ``choose=None``: no channel, so those rows' MLP branch passes no gradient)."""
     return _ExactForwardSwiGLU.apply(x, w_gate, w_up, w_down, dense_rows, sparse_rows, choose, regather)
