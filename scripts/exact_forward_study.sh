@@ -17,6 +17,10 @@
 #   cpt-bw50-sN    omit=backward, rate 0.5 in every layer for every token, 90% of the steps, then dense
 #   cpt-dense150-sN, cpt-denseM-sN   dense training, its own schedule (M: cpt-bw50's FLOPs)
 # About 15-20 min per CPT run.
+# SFT on a second chat corpus the tuning never used (the Chit-Chat Challenge's conversations, PyPI
+# chitchat-dataset, MIT; installed here by the script, written as JSON lines by
+# scripts/chitchat_jsonl.py: 2000 chats of up to 4 turns), seed 1234:
+#   cc-bw90, cc-dense40, cc-denseM (M: cc-bw90's FLOPs)
 # About 8 min per SFT run on two CPU cores; set JOBS=2 to run two at a time (the bench runs
 # alone afterwards: its rows are timed side by side in one process).
 #
@@ -38,6 +42,20 @@ for seed in 1234 1; do
     run "dense30-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=30
     run "dense29-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=29
 done
+CHITCHAT="$OUT/chitchat.jsonl"
+if selected cc && [ ! -f "$CHITCHAT" ]; then
+    "$PYTHON" -m pip install --quiet --no-deps chitchat-dataset==0.9.0
+    "$PYTHON" scripts/chitchat_jsonl.py "$CHITCHAT"
+fi
+CC=(mode=sft data=jsonl data.path="$CHITCHAT" data.schema=messages trainer.max_steps=40 trainer.eval_every=10
+    trainer.eval_batches=0 trainer.progress=log)
+run cc-bw90 "${CC[@]}" "${BACKWARD[@]}" scheduler.rate=0.9
+run cc-dense40 "${CC[@]}" scheduler=dense
+if [ -f "$OUT/cc-bw90/summary.json" ] && [ -f "$OUT/cc-dense40/summary.json" ]; then
+    M=$(same_flops "$OUT/cc-bw90" "$OUT/cc-dense40")
+    run "cc-dense$M" "${CC[@]}" scheduler=dense trainer.max_steps="$M"
+fi
+
 CPT=(trainer.max_steps=150 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log "~calibration")
 BW50=(scheduler.omit=backward scheduler.rate=0.5 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1)
 for seed in 1234 7; do

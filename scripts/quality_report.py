@@ -33,11 +33,14 @@ from satrun.perf.plan import shape_of  # noqa: E402
 from satrun.sat import build_stages, stage_at  # noqa: E402
 
 
-def _bench_step_s(rows: list[dict[str, Any]], stage: Any) -> float | None:
+def _bench_step_s(rows: list[dict[str, Any]], stage: Any, omit: str) -> float | None:
+    """The bench's step time for a stage: the dense row, or the row of the stage's MLP rate in the
+    run's form (``scheduler.omit``: rows "rate"/"layer rates" forward, "backward" rows backward)."""
     if stage.dense:
         return next(r["step_s"] for r in rows if r["name"] == "dense")
     for r in rows:
-        if r["name"].startswith(("rate ", "layer rates")) and abs(r["rate"] - stage.mlp_rate) < 1e-6:
+        if r["name"].startswith(("rate ", "layer rates", "backward ")) and r.get("omit", "forward") == omit \
+                and abs(r["rate"] - stage.mlp_rate) < 1e-6:
             return r["step_s"]
     return None
 
@@ -60,7 +63,7 @@ def read_run(folder: Path, bench: list[dict[str, Any]] | None = None) -> dict[st
         total += cost[stage.name]
         flops_at.append(total)
         if bench is not None:
-            step_s = _bench_step_s(bench, stage)
+            step_s = _bench_step_s(bench, stage, cfg.scheduler.omit)
             times.append(None if step_s is None or times[-1] is None else times[-1] + step_s)
     if bench is not None:
         elapsed = dict(enumerate(times))
