@@ -42,6 +42,11 @@ for seed in 1234 1; do
     run "dense30-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=30
     run "dense29-s$seed" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps=29
 done
+# Screens (seed 1234): the selector, and rate 1 with a longer dense tail (85% sparse: 74% of the FLOPs)
+run screen-bw90-topk-s1234 "${SFT[@]}" "${BACKWARD[@]}" scheduler.rate=0.9 selector=topk
+run screen-bw100-f85-s1234 "${SFT[@]}" "${BACKWARD[@]}" scheduler.rate=1.0 scheduler.sparse_fraction=0.85 \
+    scheduler.dense_fraction=0.15
+
 CHITCHAT="$OUT/chitchat.jsonl"
 if selected cc && [ ! -f "$CHITCHAT" ]; then
     "$PYTHON" -m pip install --quiet --no-deps chitchat-dataset==0.9.0
