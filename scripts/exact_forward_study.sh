@@ -63,7 +63,7 @@ fi
 
 CPT=(trainer.max_steps=150 trainer.eval_every=0 trainer.eval_batches=0 trainer.progress=log "~calibration")
 BW50=(scheduler.omit=backward scheduler.rate=0.5 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 scheduler.dense_fraction=0.1)
-for seed in 1234 7; do
+for seed in ${CPT_SEEDS:-1234 7}; do  # CPT_SEEDS=7: one seed's runs (two runners side by side)
     run "cpt-bw50-s$seed" "${CPT[@]}" trainer.seed=$seed "${BW50[@]}"
     run "cpt-dense150-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense
     if [ -f "$OUT/cpt-bw50-s$seed/summary.json" ] && [ -f "$OUT/cpt-dense150-s$seed/summary.json" ]; then
