@@ -28,6 +28,22 @@ def counted(model: torch.nn.Module) -> dict[str, float]:
     return {str(op): n / ids.numel() for op, n in counter.get_flop_counts()["Global"].items()}
 
 
+def packed_batch() -> dict:
+    """Four chats of a prompt and an answer, packed into rows of SEQ tokens (with padding)."""
+    from satrun.data.batches import collate
+    from satrun.data.packing import pack_chats
+    from satrun.labels import IGNORE
+
+    g = torch.Generator().manual_seed(0)
+    chats = []
+    for n, prompt in [(12, 7), (9, 5), (14, 10), (6, 2)]:
+        ids = torch.randint(0, 97, (n,), generator=g)
+        labels = ids.clone()
+        labels[:prompt] = IGNORE
+        chats.append((ids, labels))
+    return collate(pack_chats(chats, SEQ), pad_id=0)
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("rate", [0.0, 0.5])
 def test_matmul_flops_match_an_independent_count(heads: int, kv_heads: int, rate: float) -> None:
@@ -107,20 +123,11 @@ def test_grouped_query_heads_are_kept_in_whole_per_group_counts() -> None:
 def test_step_flops_follow_the_token_split_and_match_an_independent_count() -> None:
     """A token-aware sparse forward of a packed batch: the decoder's matrix products as counted
     by torch equal the FLOP model's for the batch's labelled / unlabelled / padding tokens."""
-    from satrun.data.batches import collate, token_counts
-    from satrun.data.packing import pack_chats
-    from satrun.labels import IGNORE
+    from satrun.data.batches import token_counts
     from satrun.perf.flops import step_flops
 
     model = tiny(4, 2)
-    g = torch.Generator().manual_seed(0)
-    chats = []
-    for n, prompt in [(12, 7), (9, 5), (14, 10), (6, 2)]:
-        ids = torch.randint(0, 97, (n,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = IGNORE
-        chats.append((ids, labels))
-    batch = collate(pack_chats(chats, SEQ), pad_id=0)
+    batch = packed_batch()
     counts = token_counts(batch)
     assert counts[2] > 0 and counts[0] < counts[1]  # padding, and fewer labelled than unlabelled tokens
     shape, length = Shape.from_config(model.config), batch["input_ids"].shape[1]
@@ -178,20 +185,11 @@ def test_backward_omission_flops_match_an_independent_count_of_forward_and_backw
     """``omit=backward``: the decoder's matrix products over a forward and its backward, as
     counted by torch, equal the FLOP model's (the forward dense, the sparse tokens' MLP backward
     on the kept channels, none at rate 1)."""
-    from satrun.data.batches import collate, token_counts
-    from satrun.data.packing import pack_chats
-    from satrun.labels import IGNORE
+    from satrun.data.batches import token_counts
     from satrun.perf.flops import step_flops
 
     model = tiny(4, 2)
-    g = torch.Generator().manual_seed(0)
-    chats = []
-    for n, prompt in [(12, 7), (9, 5), (14, 10), (6, 2)]:
-        ids = torch.randint(0, 97, (n,), generator=g)
-        labels = ids.clone()
-        labels[:prompt] = IGNORE
-        chats.append((ids, labels))
-    batch = collate(pack_chats(chats, SEQ), pad_id=0)
+    batch = packed_batch()
     counts = token_counts(batch)
     shape, length = Shape.from_config(model.config), batch["input_ids"].shape[1]
     sat = Sparsifier(model, MetricConfig(name="random"), SelectorConfig(), tokens=tokens, omit="backward")

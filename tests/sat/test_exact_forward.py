@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparse_ops import exact_forward_swiglu
 from satrun.sat.sparsifier import Sparsifier
-from satrun.training.runtime import enable_activation_checkpointing
 from tests.sat.models import build
 from tests.sat.test_token_split import assert_close, run, sft_batch
 
@@ -108,22 +107,6 @@ def test_rate_one_keeps_only_the_dense_rows_activations() -> None:
     assert_close(grads[0][sparse_rows], torch.zeros(7, 8), "sparse rows' input gradient")
     for got, t in zip(grads, (x, *w)):
         assert_close(got, t.grad, "gradient")
-
-
-def test_activation_checkpointing_reuses_the_selection() -> None:
-    plain = build("qwen2")
-    ckpt = copy.deepcopy(plain)
-    enable_activation_checkpointing(ckpt)
-    batch = sft_batch()
-    results = []
-    for model in (plain, ckpt):
-        sat = Sparsifier(model, seed=5, tokens="unlabelled", omit="backward")  # sampling: a new draw would differ
-        sat.set_rates(0.6, 0.0, step=2)
-        sat.set_token_rows(batch["loss_rows"], batch["free_rows"])
-        results.append(run(model, batch))
-    assert_close(results[0][0], results[1][0], "logits")
-    for name in results[0][1]:
-        assert_close(results[0][1][name], results[1][1][name], name)
 
 
 def test_bf16_autocast_matches_the_masked_reference() -> None:

@@ -110,14 +110,15 @@ def test_scores_come_from_the_unlabelled_tokens_only() -> None:
     assert kept != top(captured["x"])  # all rows would choose otherwise
 
 
-def test_activation_checkpointing_reuses_the_split_and_the_selection() -> None:
+@pytest.mark.parametrize("omit", ["forward", "backward"])
+def test_activation_checkpointing_reuses_the_split_and_the_selection(omit: str) -> None:
     plain = build("qwen2")
     ckpt = copy.deepcopy(plain)
     enable_activation_checkpointing(ckpt)
     batch = sft_batch()
     results = []
     for model in (plain, ckpt):
-        sat = Sparsifier(model, seed=5, tokens="unlabelled")  # sampling: a re-drawn selection would differ
+        sat = Sparsifier(model, seed=5, tokens="unlabelled", omit=omit)  # sampling: a re-drawn selection would differ
         sat.set_rates(0.5, 0.0, step=2)
         sat.set_token_rows(batch["loss_rows"], batch["free_rows"])
         results.append(run(model, batch))

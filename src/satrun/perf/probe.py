@@ -217,13 +217,8 @@ def print_probe(result: dict[str, Any]) -> None:
     for name, losses in result["loss"].items():
         table.add_row(name, *(f"{x:.3f}" for x in losses))
     console.print(table)
-    sens = result["sensitivity"]
-    layers = Table(title=f"layer sensitivity: loss increase with one layer at rate {result['layer_rate']:g} ({result['metric']})")
-    layers.add_column("layers")
-    layers.add_column("loss increase", justify="right")
-    for start in range(0, len(sens), 10):
-        layers.add_row(f"{start}-{min(start + 9, len(sens) - 1)}", " ".join(f"{s:+.3f}" for s in sens[start:start + 10]))
-    console.print(layers)
+    console.print(_layer_table(f"layer sensitivity: loss increase with one layer at rate {result['layer_rate']:g} "
+                               f"({result['metric']})", "loss increase", [f"{s:+.3f}" for s in result["sensitivity"]]))
     if "calibration" in result:
         c = result["calibration"]
         console.print(
@@ -308,10 +303,17 @@ def print_gradient_probe(result: dict[str, Any]) -> None:
         table.add_row(f"{rate:g}", f"{result['ideal_speedups'][i]:.2f}x", f"{result['gradient_cosine'][i]:.4f}",
                       f"{result['gradient_norm_ratio'][i]:.3f}", f"{min(layers):.3f} / {statistics.median(layers):.3f}")
     console.print(table)
-    sens = result["sensitivity"]
-    layers = Table(title=f"layer sensitivity: 1 - cosine of the whole gradient with one layer at rate {result['layer_rate']:g}")
-    layers.add_column("layers")
-    layers.add_column("1 - cosine", justify="right")
-    for start in range(0, len(sens), 10):
-        layers.add_row(f"{start}-{min(start + 9, len(sens) - 1)}", " ".join(f"{s:.4f}" for s in sens[start:start + 10]))
-    console.print(layers)
+    console.print(_layer_table(f"layer sensitivity: 1 - cosine of the whole gradient with one layer at rate "
+                               f"{result['layer_rate']:g}", "1 - cosine", [f"{s:.4f}" for s in result["sensitivity"]]))
+
+
+def _layer_table(title: str, column: str, values: list[str]) -> Any:
+    """One value per decoder layer, ten layers to a row."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("layers")
+    table.add_column(column, justify="right")
+    for start in range(0, len(values), 10):
+        table.add_row(f"{start}-{min(start + 9, len(values) - 1)}", " ".join(values[start:start + 10]))
+    return table
