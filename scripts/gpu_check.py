@@ -7,8 +7,8 @@ Each check is a function of its own; all write into one JSON file and print a sh
   rungs, at 1k and 8k tokens, against the dense MLP;
 - ``breakdown``: one layer's SAT work by CUDA events: scoring, selection, weight gathers, the
   mean fill, the sparse products (forward and backward);
-- ``sync_debug``: ``torch.cuda.set_sync_debug_mode("warn")`` over one SAT training step: every
-  host sync it reports;
+- ``sync_debug``: ``torch.cuda.set_sync_debug_mode("warn")`` over one SAT training step of
+  each form (``omit=forward`` at rate 0.5, ``omit=backward`` at 0.9): every host sync it reports;
 - ``memory``: peak memory of one training step, dense, SAT with the mean fill and with none;
 - ``checkpointing``: activation checkpointing off and on, dense and SAT: peak memory and time;
 - ``determinism``: two identical SAT steps from the same state: equal loss and weights?
@@ -127,11 +127,11 @@ def _batch(size: dict, device: torch.device, tokens: int) -> dict:
     return {k: v.to(device) for k, v in collate([(ids[0], ids[0].clone())], 0).items()}
 
 
-def _sat(model: Any, fill: str = "mean", rate: float = 0.5, attn: float = 0.0):  # type: ignore[no-untyped-def]
+def _sat(model: Any, fill: str = "mean", rate: float = 0.5, attn: float = 0.0, omit: str = "forward"):  # type: ignore[no-untyped-def]
     from satrun.sat.settings import MetricConfig, SelectorConfig
     from satrun.sat.sparsifier import Sparsifier
 
-    sat = Sparsifier(model, MetricConfig(), SelectorConfig(fill=fill), seed=0)
+    sat = Sparsifier(model, MetricConfig(), SelectorConfig(fill=fill), seed=0, omit=omit)
     sat.set_rates(rate, attn, step=0)
     return sat
 
@@ -182,20 +182,23 @@ def check_breakdown(size: dict, device: torch.device, dtype: torch.dtype) -> dic
 def check_sync_debug(size: dict, device: torch.device, dtype: torch.dtype) -> dict:
     if device.type != "cuda":
         return {"skipped": "torch.cuda.set_sync_debug_mode needs CUDA"}
-    model = _model(size, device)
-    _sat(model)
-    step = _step(model, _batch(size, device, size["tokens"][0]), dtype, device)
-    step()  # warm-up: lazy initialisations sync once
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
-    return {"syncs": len(syncs), "messages": syncs[:10]}
+    found = {}
+    for omit, rate in (("forward", 0.5), ("backward", 0.9)):  # the sub-network, and the exact-forward form
+        model = _model(size, device)
+        _sat(model, rate=rate, omit=omit)
+        step = _step(model, _batch(size, device, size["tokens"][0]), dtype, device)
+        step()  # warm-up: lazy initialisations sync once
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        found[omit] = {"syncs": len(syncs), "messages": syncs[:10]}
+    return found
 
 
 def _peak(work: Callable[[], Any], model: Any, device: torch.device) -> int:
@@ -353,7 +356,7 @@ def _summary(name: str, check: dict) -> str:
     if name == "breakdown":
         return ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in check["seconds"].items())
     if name == "sync_debug":
-        return f"{check['syncs']} host syncs in one SAT step"
+        return ", ".join(f"omit={omit}: {c['syncs']} host syncs in one SAT step" for omit, c in check.items())
     if name == "memory":
         return ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in check["peak_bytes"].items())
     if name == "checkpointing":
