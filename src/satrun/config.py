@@ -305,6 +305,9 @@ def validate(cfg: TrainConfig) -> None:
             or not all(0.0 < r <= 1.0 for r in cfg.bench.backward_rates):
         raise UsageError("bench.steps and bench.repeats must be at least 1, bench.rates in (0, 1) and "
                          "bench.backward_rates in (0, 1]")
+    if cfg.adapter.name != "none" and cfg.bench.backward_rates != BenchConfig().backward_rates:
+        raise UsageError(f"bench.backward_rates times scheduler.omit=backward, which does not take adapters yet; leave it "
+                         f"out with adapter={cfg.adapter.name}")
     p = cfg.probe
     top = 1.0 if cfg.scheduler.omit == "backward" else 0.999999  # a backward omission may keep no channel
     if p.batches < 1 or not p.rates or not all(0.0 < r <= top for r in [*p.rates, p.layer_rate]):

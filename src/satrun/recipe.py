@@ -328,7 +328,8 @@ def run_benchmark(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     sparsifier = Sparsifier(model, cfg.metric, cfg.selector, cfg.scheduler.layers, seed=t.seed, tokens=sparse_tokens(cfg))
     dtype = runtime.resolve_precision(t.precision, device)
     amp = runtime.autocast(device, dtype)
-    rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, cfg.bench,
+    bench = cfg.bench if cfg.adapter.name == "none" else replace(cfg.bench, backward_rates=[])  # omit=backward: no adapters yet
+    rows = run_bench(model, build_optimizer(model, cfg.optim), sparsifier, batches, bench,
                      _adapted_shape(cfg, Shape.from_config(model.config)), device, amp, cfg.optim.grad_clip,
                      t.peak_flops or runtime.peak_flops(device, dtype),
                      _first_stage_layer_rates(cfg), _attn_rate(cfg),

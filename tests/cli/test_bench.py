@@ -94,3 +94,13 @@ def test_bench_profile_splits_a_step_into_matrix_products_attention_and_the_rest
         # operators' own times on the calling thread: together within the profiled step's wall time
         assert 0.3 * p["wall"] < p["matmul"] + p["attention"] + p["other"] <= 1.05 * p["wall"]
     assert "where a step's time goes" in result.stdout
+
+
+def test_bench_with_adapters_leaves_the_backward_omission_out(satrun, tmp_path: Path) -> None:
+    result = satrun("bench", "model=tiny", "adapter=lora", "trainer.seq_len=64", "bench.steps=1", "bench.repeats=1",
+                    "bench.rates=[0.5]", "hydra.run.dir=bench")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert [r["name"] for r in rows] == ["plain", "dense", "rate 0.5"]
+    refused = satrun("bench", "model=tiny", "adapter=lora", "bench.backward_rates=[0.9]")
+    assert refused.returncode == 2 and "does not take adapters yet" in refused.stderr
