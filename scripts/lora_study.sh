@@ -38,7 +38,7 @@ for seed in 1234 1; do
     tag=$([ "$seed" = 1234 ] && echo "" || echo "-s$seed")
     run "lora-sft-dense40$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense
     run "lora-sft-sat40$tag" "${SFT[@]}" trainer.seed=$seed
-    run "lora-sft-sat40-u07$tag" "${SFT[@]}" trainer.seed=$seed calibration=smollm2-135m_sft_ladder_none
+    run "lora-sft-sat40-u07$tag" "${SFT[@]}" trainer.seed=$seed calibration=smollm2-135m_sft_ladder_none_forward
     if [ -f "$OUT/lora-sft-sat40$tag/summary.json" ] && [ -f "$OUT/lora-sft-dense40$tag/summary.json" ]; then
         NS=$(same_flops "$OUT/lora-sft-sat40$tag" "$OUT/lora-sft-dense40$tag")
         run "lora-sft-dense$NS$tag" "${SFT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$NS"
@@ -46,7 +46,7 @@ for seed in 1234 1; do
 done
 
 # another SAT-LoRA schedule of at most 75% of the FLOPs (seed 1234): rate 0.7 for 95% of the steps
-run lora-sft-sat40-f095 "${SFT[@]}" calibration=smollm2-135m_sft_ladder_none scheduler.sparse_fraction=0.95 \
+run lora-sft-sat40-f095 "${SFT[@]}" calibration=smollm2-135m_sft_ladder_none_forward scheduler.sparse_fraction=0.95 \
     scheduler.dense_fraction=0.05
 
 run lora-cpt-dense100 "${CPT[@]}" scheduler=dense

@@ -258,7 +258,10 @@ def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> 
     with pytest.raises(UsageError, match="does nothing with scheduler=dense"):
         _typed(compose, "mode=sft", "scheduler=dense", "scheduler.tokens=unlabelled")
     sft = _typed(compose, "mode=sft", "data=chatterbot")
-    assert sft.data.packing and sft.scheduler.tokens == "auto" and sft.scheduler.rate == pytest.approx(0.606667)
+    assert sft.data.packing and sft.scheduler.tokens == "auto" and sft.scheduler.omit == "backward"
+    assert sft.scheduler.rate == 0.9 and sft.scheduler.layer_scale is None
+    paper = _typed(compose, "mode=sft", "data=chatterbot", "calibration=smollm2-135m_sft_ladder_none_forward")
+    assert paper.scheduler.omit == "forward" and paper.scheduler.rate == pytest.approx(0.606667)
 
 
 @pytest.mark.parametrize("mode", ["cpt", "sft"])
@@ -305,7 +308,7 @@ def test_the_backward_omission_takes_rate_one_and_refuses_what_it_does_not_read(
     cfg = _typed(compose, "mode=sft", "data=chatterbot", *backward, "scheduler.rate=1.0")
     assert cfg.scheduler.omit == "backward" and cfg.scheduler.rate == 1.0
     with pytest.raises(UsageError, match=r"scheduler.rate=1.0 must be in \[0, 1\)"):
-        _typed(compose, "mode=sft", "data=chatterbot", "scheduler.layer_scale=null", "scheduler.rate=1.0")
+        _typed(compose, "mode=sft", "data=chatterbot", "scheduler.omit=forward", "scheduler.rate=1.0")
     with pytest.raises(UsageError, match="omits MLP channels only: set scheduler.attn_rate=0"):
         _typed(compose, *backward, "scheduler=constant", "~calibration")  # constant omits heads at the rate by default
     assert _typed(compose, *backward, "scheduler=constant", "scheduler.attn_rate=0").scheduler.omit == "backward"
