@@ -143,3 +143,20 @@ def test_plan_counts_lora_memory_and_flops(satrun, tmp_path: Path) -> None:
     assert "LoRA rank 16" in " ".join(lora.stdout.split())
     # a frozen base has no AdamW, gradient or clipping work: per-weight work is a small share at 1,024 tokens
     assert l["per_weight_share"] < 0.4 * f["per_weight_share"] and "work per weight" not in " ".join(lora.stdout.split())
+
+
+def test_sft_plan_of_the_backward_omission(satrun, tmp_path: Path) -> None:
+    """scheduler.omit=backward: the stage costs what step_flops says for it, less than dense and
+    more than the forward form at the same rate; rate 1 is planned."""
+    result = satrun("plan", "model=tiny", "mode=sft", "data=chatterbot", "trainer.seq_len=128", "scheduler=constant",
+                    "scheduler.rate=1.0", "scheduler.attn_rate=0", "scheduler.omit=backward", "hydra.run.dir=plan")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert plan["omit"] == "backward" and "every forward dense" in result.stdout
+    from satrun.perf.flops import Shape, step_flops
+
+    shape, stage, split = Shape(**plan["shape"]), plan["stages"][0], plan["token_split"]
+    counts = [split["labelled"], split["unlabelled"], split["padding"]]
+    expected = step_flops(shape, 128, counts) / step_flops(shape, 128, counts, stage["mlp_layer_rates"], 0.0,
+                                                           tokens="unlabelled", omit="backward")
+    assert stage["ideal_speedup"] == pytest.approx(expected) and expected > 1.0

@@ -234,6 +234,8 @@ def print_plan(plan: dict[str, Any]) -> None:
         console.print(f"token split (measured on the data): {100 * split['labelled']:.1f}% labelled, "
                       f"{100 * split['unlabelled']:.1f}% unlabelled, {100 * split['padding']:.1f}% padding; "
                       f"neurons omitted for {plan['sparse_tokens']} tokens; the LM head runs at labelled positions")
+    if plan["omit"] == "backward":
+        console.print("scheduler.omit=backward: every forward dense; the sparse tokens' MLP backward on the kept channels")
     console.print(f"training FLOPs of the run: dense {flops['dense']:.3e}, SAT {flops['sat']:.3e}")
     per_rank, first = plan["memory_per_rank_bytes"], plan["memory_per_rank_first_stage_bytes"]
     ranks = Table(title=f"memory per rank: {plan['ranks']} rank(s), strategy {plan['strategy']} (plan.ranks, trainer.strategy)")
