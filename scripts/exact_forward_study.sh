@@ -71,10 +71,9 @@ BW50=(scheduler.omit=backward scheduler.rate=0.5 scheduler.sparse_fraction=0.9 s
 for seed in ${CPT_SEEDS:-1234 7}; do  # CPT_SEEDS=7: one seed's runs (two runners side by side)
     run "cpt-bw50-s$seed" "${CPT[@]}" trainer.seed=$seed "${BW50[@]}"
     run "cpt-dense150-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense
-    if [ -f "$OUT/cpt-bw50-s$seed/summary.json" ] && [ -f "$OUT/cpt-dense150-s$seed/summary.json" ]; then
-        M=$(same_flops "$OUT/cpt-bw50-s$seed" "$OUT/cpt-dense150-s$seed")
-        run "cpt-dense$M-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$M"
-    fi
+    # CPT's FLOPs do not depend on the data (every token labelled): the plan gives the same-FLOPs steps
+    M=$(dense_steps 150 "${CPT[@]}" "${BW50[@]}" trainer.device=cpu)
+    run "cpt-dense$M-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$M"
 done
 if selected bench && [ ! -f "$OUT/bench/bench.json" ]; then
     "$SATRUN" bench mode=sft data=chatterbot bench.rates=[0.7] bench.backward_rates=[0.5,0.9,1.0] \
