@@ -73,7 +73,7 @@ def validate(cfg: SchedulerConfig) -> None:
         if not cfg.layer_scale or min(cfg.layer_scale) < 0.0:
             raise ScheduleError(f"scheduler.layer_scale={list(cfg.layer_scale)} must be one non-negative value per layer")
         top = cfg.rate * max(cfg.layer_scale)
-        if top > 1.0 + 1e-9 or (top >= 1.0 and not backward):
+        if top > 1.0 + 1e-6 or (top >= 1.0 and not backward):  # (backward: a product rounded above 1 is 1)
             raise ScheduleError(
                 f"scheduler.rate={cfg.rate} x scheduler.layer_scale (up to {max(cfg.layer_scale):g}) reaches "
                 f"{'beyond ' if backward else ''}1 in some layer; lower the rate"
