@@ -6,12 +6,15 @@ PYTHON=$(dirname "$(command -v "$SATRUN")")/python
 ONLY=${ONLY:-}
 mkdir -p "$OUT"
 
-selected() {  # selected NAME: ONLY is empty, names NAME, or names a group of it (NAME starts with or holds "-group-" or "group-")
+selected() {  # selected NAME: ONLY is empty, names NAME, a group of it (NAME starts with or holds "-group-" or "group-"), or a glob matching it
     [ -z "$ONLY" ] && return 0
     local word
+    set -f  # the words of ONLY stay patterns
     for word in $ONLY; do
-        if [ "$1" = "$word" ] || [[ $1 == "$word"-* ]] || [[ $1 == *-"$word"-* ]]; then return 0; fi
+        # shellcheck disable=SC2053
+        if [ "$1" = "$word" ] || [[ $1 == "$word"-* ]] || [[ $1 == *-"$word"-* ]] || [[ $1 == $word ]]; then set +f; return 0; fi
     done
+    set +f
     return 1
 }
 
