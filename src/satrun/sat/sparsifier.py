@@ -16,6 +16,11 @@ there (every query row attends to keys and values computed for all rows). In tra
 Each training forward scores the layer's neurons on that micro-batch's input, selects the kept
 ones, and computes only them (``sparse_ops``). A forward re-run by activation checkpointing during
 backward reuses the selection of the original forward.
+
+``omit`` says where neurons are left out: ``forward`` (the paper's form, above) or ``backward``:
+every MLP computes its forward densely and exactly, scores its channels from the sparse rows'
+activations of that forward, and runs those rows' backward on the kept channels only
+(``sparse_ops.exact_forward_swiglu``); rate 1 keeps none. Heads are not omitted in this form.
 """
 
 from __future__ import annotations
@@ -435,6 +440,8 @@ def _exact_forward_mlp(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         slot.last = (kept, None, rows)
         return kept
 
+    if rate >= 1.0:
+        slot.last = None  # nothing is chosen: the sparse rows keep no channel
     dense_rows, sparse_rows = rows if rows is not None else (None, None)
     out = exact_forward_swiglu(flat, w_gate, w_up, w_down, dense_rows, sparse_rows, None if rate >= 1.0 else choose,
                                owner.regather)
