@@ -10,8 +10,9 @@
 #   bw100-sN   the same at rate 1: the prompt tokens' MLP branch passes no gradient
 #   dense40-sN, dense30-sN, dense29-sN   dense training, its own schedule (30 and 29 steps: the
 #              FLOPs of bw90 and bw100)
-#   bench      `satrun bench mode=sft data=chatterbot` (run alone): packed dense, the paper-form
-#              default (layer rates) and omit=backward at 0.5, 0.9 and 1
+#   bench      `satrun bench mode=sft data=chatterbot` (run alone): the padded and the packed dense
+#              step, the paper's form at rate 0.7, omit=backward at 0.5, 0.9, 0.95 and 1, and the
+#              SFT default (layer rates)
 # CPT (World English Bible, 150 steps of 4 x 256 tokens, held-out loss on all held-out blocks at
 # the end; seeds 1234 and 7):
 #   cpt-bw50-sN    omit=backward, rate 0.5 in every layer for every token, 90% of the steps, then dense
@@ -79,7 +80,7 @@ for seed in ${CPT_SEEDS:-1234 7}; do  # CPT_SEEDS=7: one seed's runs (two runner
     run "cpt-dense$M-s$seed" "${CPT[@]}" trainer.seed=$seed scheduler=dense trainer.max_steps="$M"
 done
 if selected bench && [ ! -f "$OUT/bench/bench.json" ]; then
-    "$SATRUN" bench mode=sft data=chatterbot bench.rates=[0.7] bench.backward_rates=[0.5,0.9,1.0] \
+    "$SATRUN" bench mode=sft data=chatterbot bench.rates=[0.7] bench.backward_rates=[0.5,0.9,0.95,1.0] \
         hydra.run.dir="$OUT/bench" > "$OUT/bench.log" 2>&1
 fi
 for seed in 1234 1; do

@@ -259,7 +259,7 @@ def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> 
         _typed(compose, "mode=sft", "scheduler=dense", "scheduler.tokens=unlabelled")
     sft = _typed(compose, "mode=sft", "data=chatterbot")
     assert sft.data.packing and sft.scheduler.tokens == "auto" and sft.scheduler.omit == "backward"
-    assert sft.scheduler.rate == 0.9 and sft.scheduler.layer_scale is None
+    assert sft.scheduler.rate == 0.95 and len(sft.scheduler.layer_scale) == 30
     paper = _typed(compose, "mode=sft", "data=chatterbot", "calibration=smollm2-135m_sft_ladder_none_forward")
     assert paper.scheduler.omit == "forward" and paper.scheduler.rate == pytest.approx(0.606667)
 
