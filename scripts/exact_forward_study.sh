@@ -85,6 +85,10 @@ if selected bench && [ ! -f "$OUT/bench/bench.json" ]; then
 fi
 for seed in 1234 1; do
     report "$OUT/sft-s$seed" --bench bench "dense 40=$OUT/dense40-s$seed" "dense 30=$OUT/dense30-s$seed" \
-        "dense 29=$OUT/dense29-s$seed" "exact forward, backward rate 0.9=$OUT/bw90-s$seed" \
-        "exact forward, backward rate 1=$OUT/bw100-s$seed"
+        "dense 29=$OUT/dense29-s$seed" "exact forward, rate 0.9=$OUT/bw90-s$seed" \
+        "exact forward, rate 0.95=$OUT/bw95-s$seed" "exact forward, the default split=$OUT/cal95-s$seed" \
+        "exact forward, rate 1=$OUT/bw100-s$seed"
 done
+report "$OUT/chitchat" "dense 40=$OUT/cc-dense40" "dense 30=$OUT/cc-dense30" "exact forward, rate 0.93=$OUT/cc-bw93" \
+    "exact forward, rate 0.95=$OUT/cc-bw95"
+report "$OUT/cpt" "dense 124=$OUT/cpt-dense124-s1234" "exact forward, rate 0.5=$OUT/cpt-bw50-s1234"

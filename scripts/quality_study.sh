@@ -96,7 +96,7 @@ run sft-sat40-u07 "${SFT[@]}" "${U07[@]}"
 run sft-sat40-u07-s1 "${SFT[@]}" "${U07[@]}" trainer.seed=1
 run sft-sat40-t115 "${SFT[@]}" "~calibration" scheduler.rate=0.296667 scheduler.sparse_fraction=0.9 scheduler.ladder_steps=0 \
     scheduler.dense_fraction=0.1 "scheduler.layer_scale=[0,0,0,0,0,0,0,0,0,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,2.19101,0,2.19101,2.19101,0,2.19101,0,0,2.19101,0,0,2.02247,0,1.68539]"
-run sft-sat40-all "${SFT[@]}" scheduler.tokens=all calibration=smollm2-135m_cpt_ladder_none
+run sft-sat40-all "${SFT[@]}" scheduler.tokens=all calibration=smollm2-135m_cpt_ladder_none_forward
 run sft-dense30 "${SFT[@]}" scheduler=dense trainer.max_steps=30
 run sft-dense35 "${SFT[@]}" scheduler=dense trainer.max_steps=35
 if [ -z "$ONLY" ] || [[ " $ONLY " == *" sft "* ]]; then  # alone: labelled tokens/s of the padded, packed and SAT steps

@@ -279,7 +279,10 @@ def test_lora_sft_takes_its_own_calibration_and_lora_cpt_full_fine_tunings(compo
 
     own = OmegaConf.to_container(OmegaConf.load(CONF / "calibration" / "smollm2-135m_sft_ladder_lora.yaml"))
     assert rates("mode=sft", "adapter=lora") == (own["rate"], own["layer_scale"]) != rates("mode=sft")
-    assert rates("adapter=lora") == rates() and rates("adapter=lora", "scheduler=constant") == rates("scheduler=constant")
+    # LoRA CPT takes full fine-tuning's paper-form schedule (scheduler.omit=backward takes no adapters yet)
+    assert rates("adapter=lora") == rates("calibration=smollm2-135m_cpt_ladder_none_forward") != rates()
+    assert rates("adapter=lora", "scheduler=constant") == rates("scheduler=constant")
+    assert from_dict(compose()).scheduler.omit == "backward" and from_dict(compose("adapter=lora")).scheduler.omit == "forward"
 
 
 def test_sft_record_settings_are_read_where_they_are_set_and_refused_elsewhere(compose) -> None:

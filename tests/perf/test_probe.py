@@ -87,4 +87,4 @@ def test_sft_sensitivity_on_packed_rows_with_the_token_split_equals_full_forward
     slow = [probe._loss(model, batches, sat, [0.5 if j == layer else 0.0 for j in range(2)]) - dense for layer in range(2)]
     assert fast == pytest.approx(slow, abs=1e-5) and abs(fast[0]) > 1e-5
     # the last layer's unlabelled rows reach no loss (no later layer attends to them): free to omit
-    assert fast[1] == 0.0
+    assert abs(fast[1]) < 1e-5  # (up to rounding: the split computes the labelled rows in smaller products)

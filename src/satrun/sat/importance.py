@@ -32,7 +32,11 @@ REDUCE = {"random": "sum", "magnitude": "sum", "wanda": "sum", "maxip": "max", "
 
 
 def _column_norms(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.float(), dim=0)
+    """The L2 norm of each column. A sum of squares, not ``torch.linalg.vector_norm(x, dim=0)``:
+    on CPU that reduction across rows ran about 10x slower (1.3 ms against 0.13 ms for a
+    684 x 1536 activation), a few percent of a sparse MLP step."""
+    x = x.float()
+    return x.mul(x).sum(0).sqrt_()
 
 
 def activations(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, stride: int) -> torch.Tensor:
@@ -66,7 +70,7 @@ def channel_scores(
         return act.abs().amax(0)
     if metric == "contrib":
         act = activations(x, w_gate, w_up, stride) if act is None else act
-        return torch.linalg.vector_norm(act, dim=0).mul_(torch.linalg.vector_norm(w_down, dim=0))
+        return _column_norms(act).mul_(_column_norms(w_down)).to(act.dtype)
     raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
 
 
