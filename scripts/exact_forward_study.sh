@@ -22,8 +22,9 @@
 # chitchat-dataset, MIT; installed here by the script, written as JSON lines by
 # scripts/chitchat_jsonl.py: 2000 chats of up to 4 turns), seed 1234:
 #   cc-bw93, cc-bw95, cc-cal95, cc-dense40, cc-denseM (M: cc-bw95's FLOPs)
-# About 8 min per SFT run on two CPU cores; set JOBS=2 to run two at a time (the bench runs
-# alone afterwards: its rows are timed side by side in one process).
+# About 8 min per SFT run on two CPU cores (runs may share the machine: ONLY= selects runs,
+# CPT_SEEDS the CPT seeds, so two runners can go side by side); the bench must run alone
+# (ONLY=bench), after the runs: its rows are timed side by side in one process.
 #
 #   scripts/exact_forward_study.sh               # into outputs/exact-forward-study
 #   ONLY="bw90 dense30" scripts/exact_forward_study.sh

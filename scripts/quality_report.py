@@ -38,6 +38,8 @@ def _bench_step_s(rows: list[dict[str, Any]], stage: Any, omit: str) -> float | 
     run's form (``scheduler.omit``: rows "rate"/"layer rates" forward, "backward" rows backward)."""
     if stage.dense:
         return next(r["step_s"] for r in rows if r["name"] == "dense")
+    if stage.mlp_layer_rates is not None:  # per-layer rates: the bench's "layer rates" row, where it timed them
+        rows = sorted(rows, key=lambda r: r["name"] != "layer rates")
     for r in rows:
         if r["name"].startswith(("rate ", "layer rates", "backward ")) and r.get("omit", "forward") == omit \
                 and abs(r["rate"] - stage.mlp_rate) < 1e-6:
