@@ -59,6 +59,12 @@ class _SatrunStep:
             train_step(CausalLMObjective(model, self.hooks), optimizer, [batch], grad_clip, amp)
 
 
+def _configure(sparsifier: Sparsifier, rate: Any, attn_rate: float, omit: str) -> None:
+    """A row's form and rates (step 0: every row draws alike)."""
+    sparsifier.omit = omit
+    sparsifier.set_rates(rate, attn_rate, step=0)
+
+
 def _quartiles(values: list[float]) -> list[float]:
     """First and third quartiles (inclusive method; both the value itself for one sample)."""
     if len(values) < 2:
@@ -113,8 +119,7 @@ def run_bench(
         shift = round_ % len(configs)  # rotate the order: no row always runs first
         for name, rate, attn_rate, omit in configs[shift:] + configs[:shift]:
             batch = data[name][round_ % len(data[name])]
-            sparsifier.omit = omit
-            sparsifier.set_rates(rate, attn_rate, step=0)
+            _configure(sparsifier, rate, attn_rate, omit)
             before = sparsifier.select_s
             runtime.synchronize(device)
             started = time.perf_counter()
@@ -126,15 +131,13 @@ def run_bench(
                 select[name].append((sparsifier.select_s - before) / times[name][-1])
     peak = {}
     for name, rate, attn_rate, omit in configs:  # one more, untimed step each: counting memory slows the step on CPU
-        sparsifier.omit = omit
-        sparsifier.set_rates(rate, attn_rate, step=0)
+        _configure(sparsifier, rate, attn_rate, omit)
         step = steps.get(name, satrun_step)
         peak[name] = peak_bytes(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device,
                                 resident_tensors(model, optimizer))
     shares = {}
     for name, rate, attn_rate, omit in configs if cfg.profile else ():
-        sparsifier.omit = omit
-        sparsifier.set_rates(rate, attn_rate, step=0)
+        _configure(sparsifier, rate, attn_rate, omit)
         step = steps.get(name, satrun_step)
         shares[name] = time_by_kind(lambda: step(model, optimizer, data[name][0], grad_clip, amp), device)
     align, layers, tokens_mode = sparsifier.selector.align_on(device.type), sparsifier.layers, sparsifier.tokens

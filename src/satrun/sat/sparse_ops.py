@@ -115,17 +115,11 @@ class _SparseSwiGLU(torch.autograd.Function):
         if g_w is None:
             g_w, u_w, d_w = _kept(w_gate, w_up, w_down, idx, ctx.dtype)
         k = idx.numel()
-        x2 = x.reshape(-1, x.shape[-1])
         dy = grad_out.to(d_w.dtype).reshape(-1, grad_out.shape[-1])
-        gate2, act2, up2 = gate.reshape(-1, k), act.reshape(-1, k), up.reshape(-1, k)
-        want = ctx.needs_input_grad
-        grad_down = _full_grad(w_down, 1, idx, dy.t() @ (act2 * up2)) if want[3] else None
-        d_hidden = dy @ d_w
-        d_up = d_hidden * act2
-        d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up2), gate2)  # one fused pass, as dense autograd
-        grad_gate = _full_grad(w_gate, 0, idx, d_gate.t() @ x2) if want[1] else None
-        grad_up = _full_grad(w_up, 0, idx, d_up.t() @ x2) if want[2] else None
-        grad_x = (d_gate @ g_w).addmm_(d_up, u_w)
+        grad_x, parts = _swiglu_backward(dy, x.reshape(-1, x.shape[-1]), gate.reshape(-1, k), up.reshape(-1, k), g_w, u_w,
+                                         d_w, ctx.needs_input_grad, act.reshape(-1, k))
+        grad_gate, grad_up, grad_down = (None if part is None else _full_grad(w, 1 if i == 2 else 0, idx, part)
+                                         for i, (w, part) in enumerate(zip((w_gate, w_up, w_down), parts)))
         return (grad_x.view(grad_out.shape[:-1] + (x.shape[-1],)).to(ctx.in_dtype), grad_gate, grad_up, grad_down,
                 None, None)
 
@@ -192,21 +186,12 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
         grad_x = torch.empty(g.shape[0], w_gate.shape[1], dtype=g.dtype, device=g.device)
         grads: list = [None, None, None]  # gate, up, down: the dense rows' full products first
         for path, rows, (xr, gate, act, up), (g_w, u_w, d_w) in zip(range(2), (dense_rows, sparse_rows), paths, weights):
-            dy = g.index_select(0, rows)
-            d_hidden = dy @ d_w
-            d_up = d_hidden * act
-            d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)
-            grad_x.index_copy_(0, rows, (d_gate @ g_w).addmm_(d_up, u_w))
-            parts = (d_gate.t() @ xr if want[1] else None, d_up.t() @ xr if want[2] else None,
-                     dy.t() @ (act * up) if want[3] else None)
-            for i, part in enumerate(parts):
-                if part is None:
-                    continue
-                if path == 0:
-                    grads[i] = part
-                else:
-                    dim = 1 if i == 2 else 0  # add the kept slice in, without index_add_'s atomics
-                    grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
+            d_x, parts = _swiglu_backward(g.index_select(0, rows), xr, gate, up, g_w, u_w, d_w, want, act)
+            grad_x.index_copy_(0, rows, d_x)
+            if path == 0:
+                grads = parts
+            else:
+                _add_kept(grads, parts, idx, ctx.params)
         grads = [None if gr is None else gr.to(p.dtype) for gr, p in zip(grads, ctx.params)]
         return grad_x.to(ctx.in_dtype), *grads, None, None, None, None, None
 
@@ -288,14 +273,7 @@ class _ExactForwardSwiGLU(torch.autograd.Function):
             d_x, parts = _swiglu_backward(dy, x_s, gate_s, up_s, wg_k, wu_k, wd_k, want)
             if want[0]:
                 grad_x = d_x if all_sparse else grad_x.index_copy_(0, sparse_rows, d_x)
-            for i, part in enumerate(parts):
-                if part is None:
-                    continue
-                dim = 1 if i == 2 else 0
-                if grads[i] is None:
-                    grads[i] = torch.zeros_like(ctx.params[i], dtype=part.dtype).index_copy_(dim, idx, part)
-                else:  # add the kept slice in, without index_add_'s atomics
-                    grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
+            _add_kept(grads, parts, idx, ctx.params)
         # every row sparse at rate 1: zeros, not None (under DDP every parameter, the layer's norm
         # upstream among them, must get a gradient)
         if want[0] and grad_x is None:
@@ -308,16 +286,33 @@ class _ExactForwardSwiGLU(torch.autograd.Function):
 
 
 def _swiglu_backward(dy: torch.Tensor, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, w_gate: torch.Tensor,
-                     w_up: torch.Tensor, w_down: torch.Tensor, want: tuple) -> tuple[torch.Tensor, list]:
-    """The SwiGLU MLP's input gradient and its weights' gradients (None where not wanted) for
-    rows ``x`` with gate and up outputs ``gate`` and ``up`` (on the channels of the weights given)."""
-    act = F.silu(gate)
+                     w_up: torch.Tensor, w_down: torch.Tensor, want: tuple,
+                     act: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list]:
+    """The SwiGLU MLP's input gradient and its weights' gradients (gate, up, down; None where
+    ``want``, autograd's ``needs_input_grad`` of (x, w_gate, w_up, w_down, ...), says no) for rows
+    ``x`` with gate and up outputs ``gate`` and ``up`` on the channels of the weights given;
+    ``act`` is silu(gate) where it was kept."""
+    act = F.silu(gate) if act is None else act
     d_hidden = dy @ w_down
     d_up = d_hidden * act
     d_gate = torch.ops.aten.silu_backward(d_hidden.mul_(up), gate)  # one fused pass, as dense autograd
     grads = [d_gate.t() @ x if want[1] else None, d_up.t() @ x if want[2] else None,
              dy.t() @ (act * up) if want[3] else None]
     return torch.addmm(d_gate @ w_gate, d_up, w_up), grads
+
+
+def _add_kept(grads: list, parts: list, idx: torch.Tensor, params: tuple) -> None:
+    """Add the kept channels' weight gradients ``parts`` (rows ``idx`` of W_gate and W_up,
+    columns of W_down) into the full-size ``grads``, in place and without index_add_'s atomics;
+    a full-size gradient that does not exist yet starts at zero."""
+    for i, part in enumerate(parts):
+        if part is None:
+            continue
+        dim = 1 if i == 2 else 0
+        if grads[i] is None:
+            grads[i] = torch.zeros_like(params[i], dtype=part.dtype).index_copy_(dim, idx, part)
+        else:
+            grads[i].index_copy_(dim, idx, grads[i].index_select(dim, idx).add_(part))
 
 
 def exact_forward_swiglu(
