@@ -6,6 +6,9 @@ from the Hydra-composed config with :func:`from_dict`; nothing below the CLI see
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -114,6 +117,7 @@ class TrainerConfig:
     eval_batches: int = 4  # batches of micro_batch_size per evaluation; 0 = the whole held-out set
     log_every: int = 5  # a train record every N steps
     save_every: int = 0  # checkpoint every N steps and at the last into checkpoints/step_N (0: only the final model)
+    overwrite: bool = False  # replace a run already in the run folder (its metrics, checkpoints, final/) rather than refuse to start
     keep_checkpoints: int = 2  # the newest K checkpoints are kept (0: all)
     max_skips: int = 0  # optimizer steps with non-finite loss or gradients that may be skipped before stopping
     sample_every: int = 0  # every N steps and at the end, the model continues generate.prompt(s) into samples.jsonl (0: never)
@@ -220,7 +224,11 @@ _CHOICES = {
 
 
 def from_dict(raw: Any) -> TrainConfig:
-    """Build a validated :class:`TrainConfig` from a dict or DictConfig (unknown keys are errors)."""
+    """Build a validated :class:`TrainConfig` from a dict or DictConfig (unknown keys are errors,
+    those added with Hydra's ``+key=value`` too)."""
+    extra = _unknown_keys(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw, TrainConfig)
+    if extra:
+        raise UsageError(unknown_key(extra[0]))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         cfg = OmegaConf.to_object(merged)
@@ -230,6 +238,37 @@ def from_dict(raw: Any) -> TrainConfig:
     assert isinstance(cfg, TrainConfig)
     validate(cfg)
     return cfg
+
+
+def _unknown_keys(raw: Any, cls: type, prefix: str = "") -> list[str]:
+    """The dotted keys of ``raw`` (a nested dict) that the dataclass ``cls`` does not define."""
+    if not isinstance(raw, dict):
+        return []
+    fields, found = {f.name: f.type for f in dataclasses.fields(cls)}, []
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]):
+            found += _unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
+
+
+def all_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[assignment]
+    """Every dotted key of the config."""
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    found: list[str] = []
+    for f in dataclasses.fields(cls):
+        found += all_keys(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else [prefix + f.name]
+    return found
+
+
+def unknown_key(key: str) -> str:
+    """The one line for a key satrun's config does not have, with the keys it may have meant."""
+    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
+    return (f"{key} is not a key of satrun's config (a +key=value override adds no new key either)"
+            + (f"; close: {', '.join(close)}" if close else "") + "; satrun train --help lists every key")
 
 
 def validate(cfg: TrainConfig) -> None:

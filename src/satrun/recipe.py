@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from satrun.config import TrainConfig, sparse_tokens, unread_keys
+from satrun.config import TrainConfig, sparse_tokens
 from satrun.data import BatchStream, Corpus, build_corpus, eval_batches, pack_chats, token_counts, token_rows
 from satrun.errors import DiskFull, Interrupted, RunStopped, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
@@ -29,6 +29,7 @@ from satrun.plots import probe_plot, speedup_plot
 from satrun.sat import ScheduleError, ScheduledSparsity, Sparsifier, UnsupportedModel, build_stages
 from satrun.sat.schedule import fitting_rungs
 from satrun.training import checkpoint, distributed, launcher, runtime
+from satrun.training import resume as resume_policy
 from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.metrics import write_summary
 from satrun.training.optim import build_optimizer
@@ -53,18 +54,18 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         remove_stale(run_dir / "checkpoints")
     display = make_display(cfg.trainer.progress) if world.main else QuietDisplay()
     display.message(f"run folder: {run_dir}" + (f" ({world.size} ranks, {cfg.trainer.strategy})" if world.size > 1 else ""))
-    finished = _finished_run(cfg, run_dir)
-    if finished is not None:
-        display.message(f"resume=auto: the run in {run_dir} already finished ({finished['steps']} steps); nothing to do")
-        return finished
-    resume_from = _agreed_resume_point(cfg.resume, run_dir, display, world.main)
+    start = resume_policy.agreed_start(cfg, run_dir, display.message, world.main)
+    if start.finished is not None:
+        display.message(f"resume=auto: the run in {run_dir} already finished ({start.finished['steps']} steps); nothing to do")
+        return start.finished
+    resume_from = start.checkpoint
     resume = checkpoint.load_state(resume_from) if resume_from is not None else None
-    settings = _settings(cfg, world.size)
+    settings = resume_policy.settings(cfg, world.size)
     sharded = distributed.sharded_start(cfg.trainer.strategy, world)
     if resume is not None:
         checkpoint.check_resumable(resume, world.size, sharded)  # shards fit only their own rank count
         if not cfg.resume_allow_changes:
-            _check_unchanged(resume, settings)
+            resume_policy.check_unchanged(resume, settings)
     # a random model is built here and broadcast (with adapters: its base, which no checkpoint holds)
     random_here = (cfg.model.source == "random" and world.main
                    and (resume is None or cfg.adapter.name != "none"))
@@ -86,9 +87,13 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         display.message(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
                         f"(trainer.max_steps={cfg.trainer.max_steps}): the learning rate never reaches optim.lr")
     keep_through = resume["run"]["step"] if resume else None
-    logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
-    samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
     benchmark = _benchmark(cfg, model, tokenizer, world.size) if cfg.trainer.benchmark_every else None
+    samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
+    if world.main:  # every check passed: from here on the run writes into its folder
+        resume_policy.clear(start)
+        if is_adapted(model) and cfg.model.source == "random":  # the base the saved adapters name
+            save_base(model, tokenizer, run_dir / BASE_FOLDER)
+    logger = build_loggers(cfg.logger, run_dir, asdict(cfg), keep_through) if world.main else Fanout([])
 
     def write_model(folder: Path) -> None:  # checkpoints: with adapters, only they (the base is the model's own)
         if is_adapted(model):
@@ -96,14 +101,12 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         else:
             write_hf_folder(model, tokenizer, folder)
 
-    def write_final(folder: Path) -> None:  # with adapters: the merged model, the adapters, a random base
+    def write_final(folder: Path) -> None:  # with adapters: the merged model and the adapters
         if not is_adapted(model):
             write_hf_folder(model, tokenizer, folder)
             return
         save_merged(model, tokenizer, folder)
         save_adapters(model, folder / ADAPTER_FOLDER)
-        if cfg.model.source == "random":
-            save_base(model, tokenizer, folder / BASE_FOLDER)
 
     try:
         summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model, save_final=write_final,
@@ -111,9 +114,9 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
                         settings=settings, launched=started, batch_hooks=token_rows_hooks(sparsity.sparsifier),
                         flops=StepFlopCounter(cfg, model, sparsity), benchmark=benchmark)
     except Interrupted as exc:
-        raise Interrupted(f"{exc}; continue in this folder with: {_continue_command(run_dir)}", exc.exit_code - 128) from None
+        raise Interrupted(f"{exc}; continue in this folder with: {resume_policy.continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
-        raise DiskFull(f"{exc}; once there is space, continue in this folder with: {_continue_command(run_dir)}") from None
+        raise DiskFull(f"{exc}; once there is space, continue in this folder with: {resume_policy.continue_command(run_dir)}") from None
     trained = time.perf_counter()
     overhead = sparsity.overhead_by_stage()
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
@@ -128,7 +131,7 @@ def run_training(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         samples.close()
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir),
                    wall_s=summary["wall_s"] + time.perf_counter() - trained,  # the trainer's, plus the last samples
-                   resumed_from=str(resume_from) if resume_from else None, ranks=world.size,
+                   resumed_from=str(resume_from) if resume_from else None, ranks=world.size, data=asdict(corpus.counts),
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
     if world.main:
         write_summary(run_dir / "summary.json", summary)
@@ -156,7 +159,8 @@ class Samples:
         self.chat = uses_chat(self.g, tokenizer)
         self.precision = cfg.trainer.precision
         # samples after step N are written once step N's checkpoint is saved: a resume from it rewrites them
-        self.records = JsonLines(run_dir / "samples.jsonl", keep_through=None if resumed_at is None else resumed_at - 1)
+        self.open = lambda: JsonLines(run_dir / "samples.jsonl", keep_through=None if resumed_at is None else resumed_at - 1)
+        self.records: Any = None  # opened at the first samples: the run may still be refused until training starts
 
     def __call__(self, step: int) -> dict[str, Any]:
         if step and step % self.every == 0:
@@ -166,11 +170,13 @@ class Samples:
     def write(self, step: int) -> None:
         device = next(self.model.parameters()).device
         amp = runtime.autocast(device, runtime.resolve_precision(self.precision, device))
+        self.records = self.records or self.open()
         for result in generate_texts(self.model, self.tokenizer, self.prompts, self.g, device, amp):
             self.records.log({"step": step, **result, "settings": describe(self.g, self.chat)})
 
     def close(self) -> None:
-        self.records.close()
+        if self.records is not None:
+            self.records.close()
 
 
 def _benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: int) -> Callable[[], dict[str, float]]:
@@ -193,65 +199,14 @@ def _benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: 
     return scores
 
 
-def _finished_run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
-    """With resume=auto, the summary of a run in ``run_dir`` that already reached max_steps."""
-    summary, final = run_dir / "summary.json", run_dir / "final"
-    if cfg.resume != "auto" or not summary.is_file() or not final.is_dir():
-        return None
-    try:
-        done = json.loads(summary.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    return done if done.get("steps", -1) >= cfg.trainer.max_steps else None
 
 
-def _settings(cfg: TrainConfig, ranks: int) -> dict[str, Any]:
-    """What shapes the run's schedules and batches: a resume must not change it silently."""
-    t = cfg.trainer
-    shaped = {"trainer.max_steps": t.max_steps, "trainer.seq_len": t.seq_len, "trainer.micro_batch_size": t.micro_batch_size,
-              "trainer.grad_accum": t.grad_accum, "ranks": ranks, "mode.name": cfg.mode.name, "data.name": cfg.data.name,
-              "data.packing": cfg.data.packing, "mode.train_on_inputs": cfg.mode.train_on_inputs}
-    shaped.update({f"optim.{k}": v for k, v in asdict(cfg.optim).items()})
-    shaped.update({f"adapter.{k}": v for k, v in asdict(cfg.adapter).items()})  # the checkpoint's weights are these
-    unread = unread_keys("scheduler", cfg.scheduler.name)  # e.g. a checkpoint of an older calibration's dense run
-    shaped.update({f"scheduler.{k}": v for k, v in asdict(cfg.scheduler).items() if k not in unread})
-    return shaped
 
 
-def _check_unchanged(resume: dict[str, Any], settings: dict[str, Any]) -> None:
-    saved = resume.get("settings") or {}
-    changed = [f"{k}={saved[k]} -> {settings[k]}" for k in settings if k in saved and saved[k] != settings[k]]
-    if changed:
-        raise UsageError(f"resume={resume['folder']}: settings differ from the checkpoint's ({'; '.join(changed[:4])}"
-                         f"{'; ...' if len(changed) > 4 else ''}), which would reshape the run; keep them, or set "
-                         "resume_allow_changes=true")
 
 
-def _continue_command(run_dir: Path) -> str:
-    """The command that continues a stopped run in its own folder: its overrides, resume=auto."""
-    import shlex
-
-    import yaml
-
-    overrides_file = run_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text(encoding="utf-8")) if overrides_file.is_file() else []
-    kept = [o for o in overrides or [] if not o.startswith(("resume=", "hydra.run.dir=", "resume_allow_changes="))]
-    return " ".join(["satrun train", *map(shlex.quote, kept), "resume=auto", shlex.quote(f"hydra.run.dir={run_dir}")])
 
 
-def _agreed_resume_point(resume: str | None, run_dir: Path, display: Any, main: bool) -> Path | None:
-    """The first rank looks the checkpoint up and every rank takes its answer (or its error):
-    ranks without a shared file system must not each choose their own."""
-    answer: tuple[str, Any] = ("ok", None)
-    if main:
-        try:
-            answer = ("ok", checkpoint.resume_point(resume, run_dir, display.message))
-        except UsageError as exc:
-            answer = ("error", str(exc))
-    status, value = distributed.from_main(answer)
-    if status == "error":
-        raise UsageError(value)
-    return value
 
 
 def load_inputs(cfg: TrainConfig, empty: bool = False) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, Corpus]:
@@ -472,7 +427,8 @@ def _inference_model(cfg: TrainConfig, run: str | None, key: str) -> tuple[Path 
             tokenizer = AutoTokenizer.from_pretrained(folder)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{key}={run}: cannot load a model from {folder} ({type(exc).__name__})") from exc
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{key}={run}: cannot load a model from {folder}: {reason}") from exc
     return folder, tokenizer, model
 
 

@@ -70,19 +70,19 @@ def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     final = tmp_path / "run" / "final"
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
-    base = AutoModelForCausalLM.from_pretrained(final / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")
     adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = adapted(ids).logits, merged(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # a fresh base: PeftModel.from_pretrained put the adapters into the first
-        plain = AutoModelForCausalLM.from_pretrained(final / "base")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")(ids).logits
     assert not torch.allclose(plain, want)  # the adapters changed the model
     import json
 
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
-    assert Path(config["base_model_name_or_path"]) == (final / "base").resolve()
+    assert Path(config["base_model_name_or_path"]) == (tmp_path / "run" / "base").resolve()
     # satrun generate: the merged final/, its adapter on the base it names, a checkpoint's adapter
     outputs = []
     for name, run in (("merged", "run"), ("adapter", "run/final/adapter"), ("checkpoint", "run/checkpoints/step_4")):
@@ -102,8 +102,17 @@ def test_sat_lora_trains_the_adapters_and_leaves_the_base_alone(satrun, tmp_path
     sat = satrun("train", *[a for a in LORA if a != "scheduler=dense"], "scheduler=constant", "scheduler.rate=0.5",
                  "scheduler.attn_rate=0.5", "hydra.run.dir=sat")
     assert dense.returncode == 0 and sat.returncode == 0, sat.stderr[-3000:]
-    a, b = (load_file(tmp_path / run / "final" / "base" / "model.safetensors") for run in ("dense", "sat"))
+    a, b = (load_file(tmp_path / run / "base" / "model.safetensors") for run in ("dense", "sat"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from peft import PeftModel  # the merged final/ is that base plus the adapters: training left the base alone
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "sat" / "final").eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "sat" / "base")
+        adapted = PeftModel.from_pretrained(base, tmp_path / "sat" / "final" / "adapter").eval()(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
     adapters = load_file(tmp_path / "sat" / "final" / "adapter" / "adapter_model.safetensors")
     assert any(float(v.abs().max()) > 0 for k, v in adapters.items() if "lora_B" in k)  # B left zero: they trained
     losses = [r["loss"] for r in read_jsonl(tmp_path / "sat" / "metrics.jsonl") if r["kind"] == "train"]

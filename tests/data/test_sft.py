@@ -100,13 +100,13 @@ def test_truncation_keeps_labels_aligned(request, tok_name):
 def test_tokenize_chats_drops_chats_truncated_to_prompt_only(tokenizer):
     ds = datasets.Dataset.from_dict({"messages": [TWO_TURN, MULTI_TURN]})
     first_label = next(k for k, lab in enumerate(tokenize_chat(tokenizer, TWO_TURN, 10_000)["labels"]) if lab != IGNORE)
-    kept = tokenize_chats(ds, tokenizer, 10_000, fingerprint="test-sft-chats-all-" + str(first_label))
-    assert len(kept) == 2
+    kept, counts = tokenize_chats(ds, tokenizer, 10_000, fingerprint="test-sft-chats-all-" + str(first_label))
+    assert len(kept) == 2 and (counts.chats, counts.truncated, counts.dropped) == (2, 0, 0)
     assert kept[1]["input_ids"] == tokenize_chat(tokenizer, MULTI_TURN, 10_000)["input_ids"]
-    none = tokenize_chats(ds, tokenizer, first_label, fingerprint="test-sft-chats-none-" + str(first_label))
-    assert len(none) == 0
-    one = tokenize_chats(ds, tokenizer, first_label + 1, fingerprint="test-sft-chats-one-" + str(first_label))
-    assert len(one) >= 1
+    none, counts = tokenize_chats(ds, tokenizer, first_label, fingerprint="test-sft-chats-none-" + str(first_label))
+    assert len(none) == 0 and (counts.chats, counts.truncated, counts.dropped) == (2, 0, 2)
+    one, counts = tokenize_chats(ds, tokenizer, first_label + 1, fingerprint="test-sft-chats-one-" + str(first_label))
+    assert len(one) >= 1 and counts.dropped == 2 - len(one) and counts.truncated == len(one)  # every kept chat is cut
     assert all(any(lab != IGNORE for lab in row["labels"]) for row in one)
 
 

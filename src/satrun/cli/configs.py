@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import satrun
 
-GROUPS = ("model", "data", "mode", "optim", "metric", "selector", "scheduler", "logger", "launcher")
+GROUPS = ("model", "data", "mode", "optim", "adapter", "metric", "selector", "scheduler", "calibration", "logger", "launcher")
 
 
 def config_dir() -> Path:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from satrun.cli import run_folder
 from satrun.cli.configs import GROUPS, config_dir, group_options, keys_help, store_schema
 
 USAGE_EXIT = 2
@@ -98,7 +99,7 @@ def _help() -> str:
     lines += [f"  {name:<8} {text}" for name, (text, _) in COMMANDS.items()]
     lines += ["  report   summary CSV, loss curves and tokens/s plots of run or sweep folders (satrun report PATH...)"]
     lines += ["", "config groups (choose with group=option):"]
-    lines += [f"  {group:<8} {', '.join(group_options(group))}" for group in GROUPS]
+    lines += [f"  {group:<12} {', '.join(group_options(group))}" for group in GROUPS]
     lines += ["", "examples:", "  satrun train", "  satrun train mode=sft data=chatterbot trainer.max_steps=200",
               "  satrun train -m optim.lr=1e-4,3e-4", "  satrun train --cfg job", "  satrun train --help",
               "  satrun plan model=llama2-7b trainer.seq_len=2048", "  satrun bench bench.rates=[0.3,0.5]",
@@ -126,10 +127,35 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _is_config_error(exc: BaseException) -> bool:
+    import yaml
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return isinstance(exc, (HydraException, OmegaConfBaseException))
+    return isinstance(exc, (HydraException, OmegaConfBaseException, yaml.YAMLError))
+
+
+def _config_error(exc: BaseException) -> str:
+    """One line for a config Hydra or YAML refused: the file and line, or the key, its value and
+    what it expects (Hydra's own text names the override but not what is wrong with it)."""
+    import yaml
+
+    from satrun.config import unknown_key
+
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{mark.name}:{mark.line + 1}: not valid YAML: {exc.problem}" + (f" ({exc.context})" if exc.context else "")
+    text = _one_line(exc)
+    unknown = re.match(r"Could not (?:override|append to) '([^']+)'", text)
+    if unknown:
+        return unknown_key(unknown.group(1))
+    merging = re.match(r"Error merging override (\S+?)=(.*)", text)
+    if merging and exc.__cause__ is not None:
+        key, value = merging.groups()
+        reason = str(exc.__cause__).splitlines()[0]
+        if "is not a ListConfig" in reason:
+            reason = f"expects a list, e.g. {key}=[{value}]"
+        return f"{key}={value}: {reason}"
+    return text
 
 
 def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
@@ -139,8 +165,12 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
     """
     import hydra
 
-    from satrun.errors import Interrupted
+    from satrun.errors import Interrupted, UsageError
     from satrun.report import ERROR_FILE
+    from satrun.training.distributed import current
+
+    def world_main() -> bool:
+        return current().main
 
     failures: list[tuple[Path, Exception]] = []
     sweeps: list[Path] = []
@@ -155,16 +185,22 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
             sweeps.append(Path(hydra_cfg.sweep.dir))
         if interrupted:  # a signal stops the whole sweep: the remaining jobs do nothing
             return None
+        single = hydra_cfg.mode != RunMode.MULTIRUN and world_main()
         try:
-            return task(cfg)
+            result = task(cfg)
+            if single and name == "train":  # a finished run that had nothing to do keeps its own .hydra and log
+                run_folder.restore()
+            return result
         except Exception as exc:
+            refused = isinstance(exc, UsageError) and single and run_folder.restore()  # no error file: nothing started
             if os.environ.get("SATRUN_DEBUG"):
                 raise
             if isinstance(exc, Interrupted):
                 interrupted.append(exc)
                 return None
             out = Path(hydra_cfg.runtime.output_dir)
-            (out / ERROR_FILE).write_text(_one_line(exc) + "\n", encoding="utf-8")
+            if not refused:
+                (out / ERROR_FILE).write_text(_one_line(exc) + "\n", encoding="utf-8")
             failures.append((out, exc))
             return None
 
@@ -172,7 +208,8 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args = _one_run_folder_for_all_ranks(name, args)
     elif name in RUN_DIRS and not any(a.startswith("hydra.run.dir=") for a in args):
-        args = [f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}", *args]  # before any --flag
+        args = _with_overrides(args, [f"hydra.run.dir={RUN_DIRS[name]}/${{now:%Y-%m-%d_%H-%M-%S-%f}}"])
+    args = _with_overrides(args, [f"+hydra.callbacks.run_folder._target_={run_folder.__name__}.RunFolderGuard"])
     sys.argv = [f"satrun {name}", *args]
     from omegaconf import OmegaConf
 
@@ -193,6 +230,28 @@ def _run_hydra(task: Callable, name: str, args: list[str]) -> int:
     return 1 if failures else 0
 
 
+# Hydra's flags that take a value: the argument after one is not an override.
+_VALUE_FLAGS = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c", "--package", "-p",
+                "--experimental-rerun", "--info", "-i"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _with_overrides(args: list[str], extra: list[str]) -> list[str]:
+    """``args`` with ``extra`` overrides beside the user's own: Hydra's parser takes the overrides
+    as one run of words, so they go before the first override (or last where there is none),
+    never between a --flag and its value."""
+    at, i = len(args), 0
+    while i < len(args):
+        word = args[i]
+        if word.startswith("-"):
+            takes = word in _VALUE_FLAGS and i + 1 < len(args)
+            i += 2 if takes and (word not in ("--info", "-i") or args[i + 1] in _INFO_TOPICS) else 1
+            continue
+        at = i
+        break
+    return [*args[:at], *extra, *args[at:]]
+
+
 def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
     """Under torchrun every rank runs this command: join the process group, take the first
     rank's time stamp for the run folder, and let only the first rank write Hydra's files."""
@@ -209,9 +268,9 @@ def _one_run_folder_for_all_ranks(name: str, args: list[str]) -> list[str]:
     if not any(a.startswith("hydra.run.dir=") for a in args):
         stamp = [datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")]  # the format of Hydra's own run folders
         dist.broadcast_object_list(stamp, src=0)
-        args = [f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}", *args]
+        args = _with_overrides(args, [f"hydra.run.dir={RUN_DIRS.get(name, 'outputs/runs')}/{stamp[0]}"])
     if not world.main:
-        args = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled", *args]
+        args = _with_overrides(args, ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
     return args
 
 
@@ -266,7 +325,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("SATRUN_DEBUG"):
             raise
         if isinstance(exc, UsageError) or _is_config_error(exc):
-            print(f"satrun {command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"satrun {command}: error: {_one_line(exc) if isinstance(exc, UsageError) else _config_error(exc)}",
+                  file=sys.stderr)
             return USAGE_EXIT
         if isinstance(exc, RunStopped):
             print(f"satrun {command}: {_one_line(exc)}", file=sys.stderr)

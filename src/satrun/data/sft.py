@@ -10,6 +10,7 @@ checked. Tokenizers without a chat template use a plain "User: / Assistant:" for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -50,22 +51,32 @@ def segments(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]])
 
 def tokenize_chat(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], seq_len: int, train_on_inputs: bool = False
-) -> dict[str, list[int]]:
+) -> dict[str, Any]:
     """input_ids and labels (IGNORE on prompt tokens unless ``train_on_inputs``), truncated to
-    ``seq_len``. The chat is tokenized piece by piece either way, so both settings see the same ids."""
+    ``seq_len``, and ``length``, the chat's tokens before truncation. The chat is tokenized piece
+    by piece either way, so both settings see the same ids."""
     input_ids: list[int] = []
     labels: list[int] = []
     for text, trained in segments(tokenizer, messages):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if trained or train_on_inputs else [IGNORE] * len(ids)
-    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
+    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len], "length": len(input_ids)}
+
+
+@dataclass(frozen=True)
+class ChatCounts:
+    """What became of a split's chats at ``trainer.seq_len``."""
+
+    chats: int  # chats tokenized
+    truncated: int  # kept, cut at seq_len (part of an answer is lost)
+    dropped: int  # no answer token within seq_len (the prompt alone fills it): nothing to train on
 
 
 def tokenize_chats(
     ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, seq_len: int, fingerprint: str, train_on_inputs: bool = False
-) -> datasets.Dataset:
-    """Tokenized chats; chats whose answers were truncated away entirely are dropped."""
+) -> tuple[datasets.Dataset, ChatCounts]:
+    """Tokenized chats, those with no answer token left within ``seq_len`` dropped, and the counts."""
     tokenized = ds.map(
         _tokenize_row,
         fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len, "train_on_inputs": train_on_inputs},
@@ -73,9 +84,9 @@ def tokenize_chats(
         new_fingerprint=fingerprint,
         desc="tokenizing",
     )
-    return tokenized.filter(
-        lambda row: any(t != IGNORE for t in row["labels"]), new_fingerprint=fingerprint + "-nonempty"
-    )
+    answered = tokenized.filter(lambda row: any(t != IGNORE for t in row["labels"]), new_fingerprint=fingerprint + "-nonempty")
+    truncated = int(sum(length > seq_len for length in answered["length"]))
+    return answered.remove_columns("length"), ChatCounts(len(tokenized), truncated, len(tokenized) - len(answered))
 
 
 def _tokenize_row(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase, seq_len: int,

@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,8 +27,23 @@ TEXT = "text"
 MESSAGES = "messages"
 
 
+@dataclass(frozen=True)
+class RecordCounts:
+    """What became of the source's records before the split."""
+
+    read: int  # records (documents, chats) in the source; plain text: non-blank documents
+    skipped: int  # left out as unusable (data.skip_invalid=true)
+    capped: int  # left out beyond data.max_examples
+
+
 def load_raw(cfg: DataConfig, mode: str) -> datasets.Dataset:
     """Rows for ``mode`` ("cpt" needs text, "sft" needs chats) from the configured source."""
+    return read_records(cfg, mode)[0]
+
+
+def read_records(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, RecordCounts]:
+    """:func:`load_raw`'s rows and the counts of what was left out."""
+    skipped = 0
     if cfg.format == "bible":
         if mode != "cpt":
             raise UsageError("data=bible is plain text for mode=cpt; for mode=sft use data=chatterbot or your own pairs")
@@ -40,13 +56,16 @@ def load_raw(cfg: DataConfig, mode: str) -> datasets.Dataset:
             ds = ds.map(lambda row: {MESSAGES: _with_system(row[MESSAGES], None, cfg.system_prompt)})
     else:
         ds, places = _load_user_data(cfg, mode)
-        ds = _valid_rows(ds, cfg, mode, places)
-        ds = _to_text(ds, cfg) if mode == "cpt" else _to_messages(ds, cfg)
+        valid = _valid_rows(ds, cfg, mode, places)
+        skipped = len(ds) - len(valid)
+        ds = _to_text(valid, cfg) if mode == "cpt" else _to_messages(valid, cfg)
+    read = len(ds) + skipped
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
     if len(ds) == 0:
-        raise UsageError(f"data={cfg.name} is empty{f' ({cfg.path})' if cfg.path else ''}")
-    return ds
+        why = f"; all {skipped} records were unusable (data.skip_invalid=true)" if skipped else ""
+        raise UsageError(f"data={cfg.name} is empty{f' ({cfg.path})' if cfg.path else ''}{why}")
+    return ds, RecordCounts(read, skipped, read - skipped - len(ds))
 
 
 def _bible_chapters() -> Iterator[dict[str, str]]:

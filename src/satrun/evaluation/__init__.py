@@ -40,6 +40,7 @@ def task_manager(e: EvalConfig) -> Any:
         path = Path(folder).expanduser()
         if not path.is_dir():
             raise UsageError(f"eval.include_path: {folder} is not a folder")
+        _check_task_files(path)
         folders.append(str(path))
     local = TaskManager(include_path=folders, include_defaults=False)
     if all(name in local.all_tasks for name in e.tasks):
@@ -52,6 +53,25 @@ def task_manager(e: EvalConfig) -> Any:
         raise UsageError(f"eval.tasks: no task {unknown[0]!r} in the harness or eval.include_path{hint} "
                          f"(satrun's own: {', '.join(local_tasks())})")
     return manager
+
+
+def _check_task_files(folder: Path) -> None:
+    """The harness skips a task file it cannot parse without a word (and then reports its task
+    unknown): name the file and line instead. Tags such as ``!function`` are the harness's own."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    for path in sorted(folder.rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 (a SafeLoader)
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"eval.include_path: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except yaml.MarkedYAMLError as exc:
+            line = exc.problem_mark.line + 1 if exc.problem_mark is not None else "?"
+            raise UsageError(f"eval.include_path: {path}:{line}: not valid YAML: {exc.problem}") from exc
 
 
 def local_tasks() -> list[str]:

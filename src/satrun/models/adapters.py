@@ -27,14 +27,15 @@ from satrun.config import AdapterConfig, ModelConfig
 from satrun.errors import UsageError
 
 ADAPTER_FOLDER = "adapter"  # inside final/ and each checkpoint
-BASE_FOLDER = "base"  # inside final/, for a random base model: the base the adapter applies to
+BASE_FOLDER = "base"  # in the run folder, for a random base model: the base every saved adapter applies to
 
 
 def weights_source(cfg: ModelConfig, run_dir: Path) -> str:
     """Where the base weights come from, for the adapter's config: the model folder or hub id,
-    or for a random model the copy of it the run writes into final/base."""
+    or for a random model the copy of it the run writes into its folder at the start (so that
+    checkpoints load before the run ends)."""
     if cfg.source == "random":
-        return str((run_dir / "final" / BASE_FOLDER).resolve())
+        return str((run_dir / BASE_FOLDER).resolve())
     if cfg.source == "packaged":
         from satrun.models.packaged import packaged_model_dir
 
@@ -160,6 +161,9 @@ def load_adapted(folder: Path) -> tuple[PreTrainedTokenizerBase, torch.nn.Module
     from transformers import AutoTokenizer
 
     base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    if Path(base).is_absolute() and not (Path(base) / "config.json").is_file():
+        raise UsageError(f"{folder}: its adapter_config.json names the base model {base}, which is not there "
+                         "(moved or deleted?); put the base back there, or set base_model_name_or_path in that file")
     model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     return AutoTokenizer.from_pretrained(base), model
 
@@ -201,11 +205,12 @@ def merged_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_base(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
-    """The base model without its adapters (a random base exists nowhere else)."""
-    from satrun.training import distributed
-    from satrun.training.saving import write_hf_folder
+    """The base model without its adapters (a random base exists nowhere else), written once,
+    atomically, by the one process that holds it whole (before any FSDP2 wrapping)."""
+    from satrun.training.saving import staged_folder
 
-    if distributed.is_sharded(model):
-        write_hf_folder(model.get_base_model(), tokenizer, folder, state=base_weights(model))
-    else:
-        write_hf_folder(copy.deepcopy(model).unload(), tokenizer, folder)
+    if (folder / "config.json").is_file():  # a resumed run's: the same seeded base
+        return
+    with staged_folder(folder, shared=True) as staging:
+        copy.deepcopy(model).unload().save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
