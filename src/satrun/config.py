@@ -266,7 +266,10 @@ def all_keys(cls: type = None, prefix: str = "") -> list[str]:  # type: ignore[a
 
 def unknown_key(key: str) -> str:
     """The one line for a key satrun's config does not have, with the keys it may have meant."""
-    close = difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6)
+    section, _, name = key.rpartition(".")
+    initials = "".join(word[0] for word in name.split("_") if word)  # learning_rate -> lr
+    close = [k for k in all_keys() if k.rpartition(".")[0] == section and k.rpartition(".")[2] == initials]
+    close += [k for k in difflib.get_close_matches(key, all_keys(), n=3, cutoff=0.6) if k not in close]
     return (f"{key} is not a key of satrun's config (a +key=value override adds no new key either)"
             + (f"; close: {', '.join(close)}" if close else "") + "; satrun train --help lists every key")
 
@@ -307,9 +310,10 @@ def validate(cfg: TrainConfig) -> None:
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise UsageError(f"trainer.peak_flops must be positive (FLOP/s), got {t.peak_flops}")
     a = cfg.adapter
-    if a.name == "lora" and (a.r < 1 or a.alpha <= 0 or not 0.0 <= a.dropout < 1.0 or not a.target_modules):
-        raise UsageError("adapter.r must be at least 1, adapter.alpha positive, adapter.dropout in [0, 1) and "
-                         "adapter.target_modules not empty")
+    if a.name == "lora":
+        _require_each({"adapter.r": (a.r, a.r >= 1, "at least 1"), "adapter.alpha": (a.alpha, a.alpha > 0, "positive"),
+                       "adapter.dropout": (a.dropout, 0.0 <= a.dropout < 1.0, "in [0, 1)"),
+                       "adapter.target_modules": (list(a.target_modules), bool(a.target_modules), "one module name at least")})
     if not 0 <= t.seed < 2**32:  # transformers.set_seed seeds NumPy, which takes no other seed
         raise UsageError(f"trainer.seed must be in [0, 2**32), got {t.seed}")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -328,15 +332,18 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"selector.temperature must be positive, got {cfg.selector.temperature}")
     if (cfg.selector.align is not None and cfg.selector.align < 1) or cfg.metric.token_stride < 1:
         raise UsageError("selector.align and metric.token_stride must be at least 1")
-    g = cfg.generate
-    if g.max_new_tokens < 1 or g.temperature < 0 or not 0 < g.top_p <= 1 or g.chat not in ("auto", "on", "off"):
-        raise UsageError("generate.max_new_tokens must be at least 1, generate.temperature non-negative, "
-                         "generate.top_p in (0, 1], generate.chat one of: auto, on, off")
-    e = cfg.eval
-    if e.batch_size < 1 or (e.limit is not None and e.limit <= 0) or (e.num_fewshot is not None and e.num_fewshot < 0) \
-            or not e.tasks or not all(isinstance(name, str) and name.strip() for name in e.tasks):
-        raise UsageError("eval.tasks must name one task at least, eval.batch_size be at least 1, eval.limit positive "
-                         "and eval.num_fewshot non-negative")
+    g, e = cfg.generate, cfg.eval
+    _require_each({
+        "generate.max_new_tokens": (g.max_new_tokens, g.max_new_tokens >= 1, "at least 1"),
+        "generate.temperature": (g.temperature, g.temperature >= 0, "non-negative (0: greedy)"),
+        "generate.top_p": (g.top_p, 0 < g.top_p <= 1, "in (0, 1]"),
+        "generate.chat": (g.chat, g.chat in ("auto", "on", "off"), "one of: auto, on, off"),
+        "eval.tasks": (list(e.tasks), bool(e.tasks) and all(isinstance(n, str) and n.strip() for n in e.tasks),
+                       "one task name at least, none blank"),
+        "eval.batch_size": (e.batch_size, e.batch_size >= 1, "at least 1"),
+        "eval.limit": (e.limit, e.limit is None or e.limit > 0, "positive (below 1: a share of each task), or null"),
+        "eval.num_fewshot": (e.num_fewshot, e.num_fewshot is None or e.num_fewshot >= 0, "non-negative, or null"),
+    })
     _refuse_ignored(cfg)
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
@@ -377,6 +384,13 @@ def validate(cfg: TrainConfig) -> None:
     _check_sft_records(cfg)
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")
+
+
+def _require_each(checks: dict[str, tuple[Any, bool, str]]) -> None:
+    """``{key: (value, fine, what is expected)}``: the first key that is not fine, in one line."""
+    for key, (value, fine, expected) in checks.items():
+        if not fine:
+            raise UsageError(f"{key}={'null' if value is None else value} must be {expected}")
 
 
 def _check_sft_records(cfg: TrainConfig) -> None:

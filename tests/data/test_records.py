@@ -39,7 +39,7 @@ def test_sft_pairs_with_unusable_fields_name_file_line_and_field(tmp_path: Path,
 
 @pytest.mark.parametrize("bad, says", [
     ({"messages": "Hi there"}, "field 'messages' is 'Hi there', not a list"),
-    ({"messages": []}, "not a list of messages"),
+    ({"messages": []}, "field 'messages' is an empty list; a chat needs a turn"),
     ({"messages": [{"role": "user", "content": "Hi"}]}, "no assistant turn"),
     ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]}, "messages[1] has content null"),
     ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages[0] has role 'robot'"),

@@ -130,9 +130,13 @@ def _load_user_data(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, Optio
         if all(Path(f).stat().st_size == 0 for f in files):
             raise UsageError(f"data={cfg.name} is empty ({cfg.path})")
         if cfg.format == "text":
+            if not [line for f in files for _, line in text_lines(f) if line.strip()]:  # every line read: all UTF-8
+                raise UsageError(f"data={cfg.name} is empty ({cfg.path}: blank lines only)")
             return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train"), None
         if cfg.format == "jsonl":
             places = [place for f in files for place in check_jsonl(f, cfg, mode)]
+            if not places:
+                raise UsageError(f"data={cfg.name} is empty ({cfg.path}: no records, blank lines only)")
             return datasets.load_dataset("json", data_files=files, split="train"), places
         return datasets.load_dataset("parquet", data_files=files, split="train"), None
     except UsageError:
@@ -149,24 +153,47 @@ def _root_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def check_jsonl(path: str, cfg: DataConfig, mode: str) -> list[str]:
-    """Each record's ``file:line``; fails on the first line that is not a JSON object, and on
-    the first record the mode cannot train on (unless ``data.skip_invalid``), naming its line."""
-    places = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 is named, not a byte offset."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            wrong = record_problem(row, cfg, mode)
-            if wrong and not cfg.skip_invalid:
-                raise UsageError(f"{path}:{number}: {wrong} (fix the record, or skip such records with data.skip_invalid=true)")
-            places.append(f"{path}:{number}")
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at column "
+                                 f"{exc.start + 1}); save the file as UTF-8") from exc
+
+
+def check_jsonl(path: str, cfg: DataConfig, mode: str) -> list[str]:
+    """Each record's ``file:line``; fails on the first line that is not a JSON object, on the
+    first record the mode cannot train on (unless ``data.skip_invalid``), and on a record that
+    lacks a field the others have, naming its line."""
+    places = []
+    needed = [cfg.text_field] if mode == "cpt" else sft_fields(cfg)[0]
+    absent: dict[str, str] = {}  # field -> the first line without it
+    present: set[str] = set()
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}:{number}: malformed JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        wrong = record_problem(row, cfg, mode)
+        if wrong and not cfg.skip_invalid:
+            raise UsageError(f"{path}:{number}: {wrong} (fix the record, or skip such records with data.skip_invalid=true)")
+        for name in needed:
+            if name in row:
+                present.add(name)
+            else:
+                absent.setdefault(name, f"{path}:{number}")
+        places.append(f"{path}:{number}")
+    partly = [name for name in needed if name in absent and name in present]  # absent everywhere: _require says so
+    if partly and not cfg.skip_invalid:
+        raise UsageError(f"{absent[partly[0]]}: the record has no field {partly[0]!r} (fix the record, or skip such "
+                         "records with data.skip_invalid=true)")
     return places
 
 
@@ -226,7 +253,9 @@ def _text_problem(row: dict[str, Any], field: str) -> Optional[str]:
 def _messages_problem(messages: Any, field: str, needs_answer: bool = True) -> Optional[str]:
     """A chat is a list of {"role", "content"} turns (ShareGPT's {"from", "value"} also), with
     one assistant turn at least (unless not ``needs_answer``: a prompt's turns) and text in every turn."""
-    if not isinstance(messages, list) or not messages:
+    if isinstance(messages, list) and not messages:
+        return f"field {field!r} is an empty list; a chat needs a turn at least"
+    if not isinstance(messages, list):
         return f"field {field!r} is {_describe(messages)}, not a list of messages"
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict):

@@ -55,7 +55,8 @@ class Start:
 def held_run(run_dir: Path) -> Optional[HeldRun]:
     """The run in ``run_dir``, if any of a run's outputs are there."""
     outputs = [run_dir / name for name in OUTPUTS if (run_dir / name).exists()]
-    if not outputs:
+    checkpoints = checkpoint.checkpoints_in(run_dir / "checkpoints")
+    if not checkpoints and not [p for p in outputs if p.name != "checkpoints"]:  # at most a killed save's staging
         return None
     summary = None
     if (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir():
@@ -63,7 +64,7 @@ def held_run(run_dir: Path) -> Optional[HeldRun]:
             summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError):
             summary = None
-    return HeldRun(outputs, checkpoint.checkpoints_in(run_dir / "checkpoints"), summary if isinstance(summary, dict) else None)
+    return HeldRun(outputs, checkpoints, summary if isinstance(summary, dict) else None)
 
 
 def plan_start(resume: Optional[str], overwrite: bool, max_steps: int, run_dir: Path,
