@@ -76,6 +76,7 @@ def test_dropped_chats_are_counted_and_a_run_left_without_data_says_why(satrun, 
     counts = json.loads((tmp_path / "run/summary.json").read_text())["data"]
     assert counts["unit"] == "chats" and counts["read"] - counts["capped"] == 60 and counts["held_out"] == 6
     assert counts["dropped"] > 0 and counts["truncated"] > 0  # some chats' prompts fill 36 tokens; some answers are cut
+    assert counts["used"] + counts["dropped"] == 60
     start = next(line for line in (result.stdout + result.stderr).splitlines() if "data chatterbot" in line)
     assert f"{counts['dropped']} chats dropped" in start and f"{counts['truncated']} chats truncated" in start
     error = one_error(satrun("train", *SFT, "trainer.max_steps=1", "trainer.seq_len=8", "hydra.run.dir=none"))

@@ -36,6 +36,7 @@ class DataCounts:
     skipped: int
     capped: int
     held_out: int
+    used: int  # training and held-out documents or chats the examples hold
     seq_len: int
     truncated: int = 0
     dropped: int = 0
@@ -47,7 +48,7 @@ class DataCounts:
             text += f", {self.skipped} unusable skipped (data.skip_invalid=true)"
         if self.capped:
             text += f", {self.capped} beyond data.max_examples left out"
-        text += f", {self.held_out} held out"
+        text += f", {self.held_out} held out, {self.used} used"
         if self.truncated:
             text += f"; {self.truncated} chats truncated to trainer.seq_len={self.seq_len}"
         if self.dropped:
@@ -129,8 +130,9 @@ def build_corpus(
             chat_counts[name] = len(parts[name])
             if cfg.packing:
                 parts[name] = pack_chats(parts[name], seq_len)
+    used = len(raw) if mode == "cpt" else chat_counts["train"] + chat_counts["eval"]
     counts = DataCounts("documents" if mode == "cpt" else "chats", records.read, records.skipped, records.capped, n_eval,
-                        seq_len, truncated, dropped, tail)
+                        used, seq_len, truncated, dropped, tail)
     unit = ("blocks of trainer.seq_len tokens" if mode == "cpt" else
             "packed rows of trainer.seq_len tokens" if cfg.packing else "chats with an answer")
     why = f" ({dropped} of {len(raw)} chats dropped: {counts.drop_reason()}; raise trainer.seq_len)" if dropped else ""
