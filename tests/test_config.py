@@ -12,7 +12,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from satrun.cli.configs import config_dir, store_schema
-from satrun.config import DataConfig, ModeConfig, ModelConfig, TrainConfig, from_dict
+from satrun.config import AdapterConfig, DataConfig, ModeConfig, ModelConfig, TrainConfig, from_dict
 from satrun.errors import UsageError
 
 CONF = Path(config_dir())
@@ -268,7 +268,8 @@ def test_heads_under_the_token_split_and_packing_in_cpt_are_refused(compose) -> 
 def test_lora_sets_its_own_learning_rate_in_either_mode_and_an_override_wins(compose, mode):
     lora_file = yaml.safe_load((CONF / "adapter" / "lora.yaml").read_text(encoding="utf-8"))
     lora, full = from_dict(compose(f"mode={mode}", "adapter=lora")), from_dict(compose(f"mode={mode}"))
-    assert lora.optim.lr == lora_file["optim"]["lr"] > full.optim.lr and lora.adapter.r == lora_file["adapter"]["r"]
+    assert lora.optim.lr == lora_file["optim"]["lr"] > full.optim.lr and lora.adapter.name == lora_file["adapter"]["name"]
+    assert lora.adapter.r == AdapterConfig().r  # the dataclass's default: the file sets only what differs
     assert from_dict(compose(f"mode={mode}", "adapter=lora", "optim.lr=1e-4")).optim.lr == 1e-4
 
 
@@ -323,3 +324,34 @@ def test_the_backward_omission_takes_rate_one_and_refuses_what_it_does_not_read(
         _typed(compose, "scheduler.omit=sideways")
     with pytest.raises(UsageError, match="does nothing with scheduler=dense"):
         _typed(compose, "scheduler=dense", "scheduler.omit=backward")
+
+
+def test_group_files_set_only_what_differs_from_the_dataclass_defaults() -> None:
+    """The dataclasses are the one source of defaults: a settings group's file that restates one
+    would keep its old value silently once the default changes (an option's ``name`` is its
+    choice; model, data and calibration files describe one model, dataset or measurement whole)."""
+    import dataclasses
+
+    import yaml
+
+    from satrun.cli.configs import config_dir
+
+    defaults = TrainConfig()
+    restated = []
+    for path in sorted(config_dir().glob("*/*.yaml")):
+        text = path.read_text()
+        values = yaml.safe_load(text) or {}
+        tree = values if "@package _global_" in text else {path.parent.name: values}
+        if path.parent.name in ("calibration", "model", "data"):  # a measured setting, a model, a dataset: stated whole
+            continue
+        for section, keys in tree.items():
+            group = getattr(defaults, section)
+            for key, value in (keys or {}).items():
+                if key == "defaults":  # a file that includes another
+                    continue
+                default = getattr(group, key)
+                default = list(default) if isinstance(default, tuple) else default
+                if key != "name" and value == default:
+                    restated.append(f"{path.parent.name}/{path.name}: {section}.{key}={value}")
+    assert not restated, restated
+    assert dataclasses.is_dataclass(defaults)

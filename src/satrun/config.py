@@ -372,7 +372,7 @@ def validate(cfg: TrainConfig) -> None:
         where = "mode=cpt" if cfg.mode.name == "cpt" else "mode.train_on_inputs=true"
         raise UsageError(f"scheduler.tokens=unlabelled omits neurons for tokens without a loss; with {where} every token "
                          "carries one (use scheduler.tokens=all)")
-    attn = cfg.scheduler.rate if cfg.scheduler.attn_rate is None else cfg.scheduler.attn_rate
+    attn = cfg.scheduler.heads_rate()
     if sparse_tokens(cfg) == "unlabelled" and attn and cfg.scheduler.name != "dense":
         raise UsageError(f"scheduler.attn_rate={cfg.scheduler.attn_rate}: heads are kept when only unlabelled tokens omit "
                          "neurons (scheduler.tokens=unlabelled, the SFT default); set scheduler.attn_rate=0 or "

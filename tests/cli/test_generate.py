@@ -34,10 +34,10 @@ def test_generate_from_a_run_equals_transformers_greedy(satrun, tmp_path: Path) 
         assert record["output"] == tokenizer.decode(new, skip_special_tokens=True)
         assert record["new_tokens"] == len(new) <= 6
 
-    from satrun.recipe import _weights_from  # a checkpoint is a model folder too
+    from satrun.inference import weights_from  # a checkpoint is a model folder too
 
-    assert _weights_from(str(tmp_path / "run" / "checkpoints" / "step_1"), "generate.run") == tmp_path / "run" / "checkpoints" / "step_1"
-    assert _weights_from(str(tmp_path / "run"), "generate.run") == tmp_path / "run" / "final"
+    assert weights_from(str(tmp_path / "run" / "checkpoints" / "step_1"), "generate.run") == tmp_path / "run" / "checkpoints" / "step_1"
+    assert weights_from(str(tmp_path / "run"), "generate.run") == tmp_path / "run" / "final"
 
 
 def test_generate_refuses_what_it_cannot_use_in_one_line(tmp_path: Path, capsys, monkeypatch) -> None:

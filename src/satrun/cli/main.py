@@ -22,27 +22,30 @@ USAGE_EXIT = 2
 
 
 def _task(name: str) -> Callable:
-    """A Hydra task running recipe ``name``: DictConfig in, typed config down; nothing below sees Hydra."""
+    """A Hydra task running command ``name`` (:mod:`satrun.commands`): DictConfig in, typed config
+    down; nothing below sees Hydra."""
 
     def task(cfg):  # type: ignore[no-untyped-def]
         from hydra.core.hydra_config import HydraConfig
 
-        from satrun import recipe
+        from importlib import import_module
+
         from satrun.config import from_dict
 
-        return getattr(recipe, name)(from_dict(cfg), Path(HydraConfig.get().runtime.output_dir))
+        command = import_module(f"satrun.commands.{name}")
+        return command.run(from_dict(cfg), Path(HydraConfig.get().runtime.output_dir))
 
     return task
 
 
 COMMANDS: dict[str, tuple[str, Callable]] = {
-    "train": ("train a model (continual pre-training or fine-tuning)", _task("run_training")),
-    "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _task("run_plan")),
-    "bench": ("time dense and SAT training steps side by side on real batches", _task("run_benchmark")),
-    "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("run_probe")),
-    "generate": ("text from a trained run's model (generate.run=<run folder>) or any configured model", _task("run_generate")),
+    "train": ("train a model (continual pre-training or fine-tuning)", _task("train")),
+    "plan": ("FLOPs, ideal SAT speed-up and memory of a configuration, without weights", _task("plan")),
+    "bench": ("time dense and SAT training steps side by side on real batches", _task("bench")),
+    "probe": ("sub-network loss per metric and rate, layer sensitivity, calibrated per-layer rates", _task("probe")),
+    "generate": ("text from a trained run's model (generate.run=<run folder>) or any configured model", _task("generate")),
     "eval": ("benchmarks (lm-evaluation-harness tasks) of a trained run's model (eval.run=<run folder>) or any configured model",
-             _task("run_eval")),
+             _task("eval")),
 }
 RUN_DIRS = {"plan": "outputs/plans", "bench": "outputs/bench", "probe": "outputs/probes", "generate": "outputs/generations",
             "eval": "outputs/evals"}

@@ -65,7 +65,7 @@ def validate(cfg: SchedulerConfig) -> None:
         raise ScheduleError(f"scheduler.rate={cfg.rate} must be in {'[0, 1]' if backward else '[0, 1)'}")
     if cfg.attn_rate is not None and not 0.0 <= cfg.attn_rate < 1.0:
         raise ScheduleError(f"scheduler.attn_rate={cfg.attn_rate} must be in [0, 1)")
-    attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
+    attn = cfg.heads_rate()
     if backward and attn and cfg.name != "dense":
         raise ScheduleError(f"scheduler.omit=backward omits MLP channels only: set scheduler.attn_rate=0 "
                             f"(it is {cfg.attn_rate}{', the rate' if cfg.attn_rate is None else ''})")
@@ -97,7 +97,7 @@ def build_stages(cfg: SchedulerConfig, max_steps: int) -> list[Stage]:
     validate(cfg)
     vector = None if cfg.layer_scale is None else tuple(min(1.0, cfg.rate * float(s)) for s in cfg.layer_scale)
     mlp = cfg.rate if vector is None else sum(vector) / len(vector)
-    attn = cfg.rate if cfg.attn_rate is None else cfg.attn_rate
+    attn = cfg.heads_rate()
     if cfg.name == "dense" or (mlp == 0.0 and attn == 0.0):
         return [Stage("dense", 0, max_steps, 0.0, 0.0)]
 

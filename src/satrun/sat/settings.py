@@ -69,3 +69,7 @@ class SchedulerConfig:
     layer_scale: Optional[list[float]] = None  # layer l's MLP rate is rate * layer_scale[l]; None = rate everywhere
     tokens: str = "auto"  # which tokens omit neurons: all | unlabelled (those without a loss; SFT) | auto (unlabelled in SFT, all in CPT)
     omit: str = "forward"  # forward: the kept sub-network runs forward and backward (the paper) | backward: dense forward, the sparse tokens' MLP backward on the kept channels (rate 1: none)
+
+    def heads_rate(self) -> float:
+        """The omission rate of attention heads: ``attn_rate``, or ``rate`` where it is None."""
+        return self.rate if self.attn_rate is None else self.attn_rate
