@@ -117,8 +117,6 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
                                    ["data=hub", "data.path=some-org/some-dataset"]])
 def test_an_unreachable_hub_fails_at_once_in_one_line(where: list[str], satrun, monkeypatch) -> None:
     """No retries for a minute, no warning per attempt: the hub is asked once, then the cache."""
-    import time
-
     import datasets.config
     from huggingface_hub import constants
 
@@ -130,9 +128,8 @@ def test_an_unreachable_hub_fails_at_once_in_one_line(where: list[str], satrun, 
     monkeypatch.setattr(hub, "_checked", {})
     for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)  # behind a proxy the hub is not probed (tests/test_hub.py)
-    started = time.monotonic()
     result = satrun("train", *TINY, *where, "hydra.run.dir=run")
-    assert result.returncode == 2 and time.monotonic() - started < 20  # the retries took 45 s
+    assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[")]
     assert len(errors) == 1 and "http://127.0.0.1:9 cannot be reached" in errors[0], result.stderr[-2000:]
     assert "Retrying" not in result.stdout + result.stderr
