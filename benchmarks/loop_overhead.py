@@ -25,7 +25,7 @@ from satrun.data import BatchStream, build_corpus, label_tokens
 from satrun.models import load_model, load_tokenizer
 from satrun.training.display import LogDisplay
 from satrun.training.optim import build_optimizer
-from satrun.training.trainer import train
+from satrun.training.trainer import RunIO, train
 
 
 def plain_loop(model: torch.nn.Module, stream: BatchStream, steps: int, optim: OptimConfig) -> float:
@@ -70,7 +70,7 @@ def main() -> None:
     for _ in range(args.repeats):
         plain_tps.append(plain_loop(copy.deepcopy(base), BatchStream(corpus.train, args.micro_batch, corpus.pad_id, 0), args.steps, optim))
         with tempfile.TemporaryDirectory() as run_dir:
-            summary = train(copy.deepcopy(base), corpus, trainer_cfg, optim, Path(run_dir), LogDisplay())
+            summary = train(copy.deepcopy(base), corpus, trainer_cfg, optim, RunIO(Path(run_dir), LogDisplay()))
         satrun_tps.append(summary["tokens_per_s"])
     result = {
         "model": args.model,

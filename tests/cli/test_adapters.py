@@ -22,7 +22,7 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(tmp_path: Path
     from satrun.models.adapters import add_adapters
     from satrun.training.display import LogDisplay
     from satrun.training.optim import build_optimizer
-    from satrun.training.trainer import train
+    from satrun.training.trainer import RunIO, train
 
     torch.manual_seed(0)
     base = load_model(ModelConfig(name="tiny", source="random"), tokenizer)
@@ -36,7 +36,7 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(tmp_path: Path
     text.write_text("\n\n".join(f"paragraph {i} with a few words in it" for i in range(80)))
     corpus = build_corpus(DataConfig(name="text", format="text", path=str(text)), "cpt", tokenizer, 32, 2, 0)
     train(model, corpus, TrainerConfig(max_steps=5, seq_len=32, micro_batch_size=2, device="cpu"), OptimConfig(lr=1e-2),
-          tmp_path, LogDisplay())
+          RunIO(tmp_path, LogDisplay()))
     after = model.get_base_model().state_dict()
     for name, tensor in before.items():  # peft keeps each adapted weight as base_layer.weight
         key = name if name in after else name.replace(".weight", ".base_layer.weight")

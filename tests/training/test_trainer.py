@@ -11,7 +11,7 @@ from satrun.config import DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from satrun.data import build_corpus
 from satrun.models import load_model, load_tokenizer
 from satrun.training.display import LogDisplay
-from satrun.training.trainer import stage_summary, train
+from satrun.training.trainer import RunIO, StartState, StepHooks, stage_summary, train
 
 
 def test_loss_decreases_on_a_learnable_task(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_loss_decreases_on_a_learnable_task(tmp_path: Path) -> None:
     model = load_model(model_cfg, tokenizer)
     corpus = build_corpus(DataConfig(name="text", format="text", path=str(text), eval_fraction=0.1), "cpt", tokenizer, 32, 4, 0)
     summary = train(model, corpus, TrainerConfig(max_steps=60, seq_len=32, log_every=10, device="cpu"),
-                    OptimConfig(lr=5e-3, warmup_steps=3), tmp_path, LogDisplay())
+                    OptimConfig(lr=5e-3, warmup_steps=3), RunIO(tmp_path, LogDisplay()))
     assert summary["eval_loss"] < 0.3 * summary["initial_eval_loss"]
 
 
@@ -45,7 +45,7 @@ def test_hook_fields_reach_records_and_stage_changes_split_records(tmp_path: Pat
     corpus = build_corpus(DataConfig(), "cpt", tokenizer, 32, 2, 0)
     hook = lambda step: {"stage": "a" if step < 3 else "b"}  # noqa: E731
     summary = train(model, corpus, TrainerConfig(max_steps=6, seq_len=32, micro_batch_size=2, log_every=4, eval_batches=1, device="cpu"),
-                    OptimConfig(), tmp_path, LogDisplay(), hooks=[hook])
+                    OptimConfig(), RunIO(tmp_path, LogDisplay()), StepHooks([hook]))
     import json
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -74,13 +74,13 @@ def test_the_last_step_is_checkpointed_and_a_resume_from_it_only_finishes(tmp_pa
         model.save_pretrained(folder)
 
     model = load_model(model_cfg, tokenizer)
-    first = train(model, corpus, trainer, OptimConfig(), tmp_path, LogDisplay(), save_model=save_model)
+    first = train(model, corpus, trainer, OptimConfig(), RunIO(tmp_path, LogDisplay(), save_model=save_model))
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path / "checkpoints")] == ["step_4", "step_6"]
     records = (tmp_path / "metrics.jsonl").read_text().splitlines()
     last = tmp_path / "checkpoints" / "step_6"
     model = AutoModelForCausalLM.from_pretrained(last)
-    again = train(model, corpus, trainer, OptimConfig(), tmp_path, LogDisplay(), save_model=save_model,
-                  resume=checkpoint.load_state(last))
+    again = train(model, corpus, trainer, OptimConfig(), RunIO(tmp_path, LogDisplay(), save_model=save_model),
+                  start=StartState(resume=checkpoint.load_state(last)))
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == records  # no step, no evaluation repeated
     assert [json.loads(r)["step"] for r in records if json.loads(r)["kind"] == "eval"] == [0, 3, 6]
     assert again["eval_loss"] == first["eval_loss"] and again["steps"] == 6 and again["train_s"] == first["train_s"]
@@ -125,7 +125,7 @@ def test_a_failed_final_write_checkpoints_the_last_step_first(tmp_path: Path) ->
 
     with pytest.raises(OSError, match="the final write failed"):
         train(model, corpus, TrainerConfig(max_steps=3, seq_len=32, micro_batch_size=2, eval_batches=1, device="cpu"),
-              OptimConfig(), tmp_path, LogDisplay(), save_model=save_model)
+              OptimConfig(), RunIO(tmp_path, LogDisplay(), save_model=save_model))
     assert [p.name for p in checkpoint.checkpoints_in(tmp_path / "checkpoints")] == ["step_3"]
     assert not (tmp_path / "final").exists() and not list(tmp_path.glob(".final*"))
 
@@ -147,7 +147,8 @@ def test_records_carry_the_model_flop_utilisation_given_a_peak(tmp_path: Path) -
 
     summary = train(model, corpus, TrainerConfig(max_steps=4, seq_len=16, micro_batch_size=2, log_every=2, device="cpu",
                                                  peak_flops=1e12),
-                    OptimConfig(), tmp_path, LogDisplay(), logger=Kept(tmp_path / "m.jsonl"), flops=lambda b: 1e9 * len(b))
+                    OptimConfig(), RunIO(tmp_path, LogDisplay(), logger=Kept(tmp_path / "m.jsonl")),
+                    StepHooks(flops=lambda b: 1e9 * len(b)))
     steps = [r for r in records if r["kind"] == "train"]
     assert len(steps) == 2
     previous = 0
@@ -157,5 +158,5 @@ def test_records_carry_the_model_flop_utilisation_given_a_peak(tmp_path: Path) -
         assert r["mfu"] == pytest.approx(r["flops"] / seconds / 1e12)
     assert summary["mfu"] == pytest.approx(summary["train_flops"] / summary["train_s"] / 1e12)
     plain = train(load_model(model_cfg, tokenizer), corpus, TrainerConfig(max_steps=1, seq_len=16, micro_batch_size=2,
-                                                                          device="cpu"), OptimConfig(), tmp_path, LogDisplay())
+                                                                          device="cpu"), OptimConfig(), RunIO(tmp_path, LogDisplay()))
     assert "mfu" not in plain  # no known peak on CPU

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from transformers import PreTrainedModel
 
@@ -25,7 +25,7 @@ from satrun.training.loggers import Fanout, build_loggers
 from satrun.training.metrics import write_summary
 from satrun.training.saving import remove_stale, write_hf_folder
 from satrun.sparsity import StepFlopCounter, add_summary_fields, build_sparsity, describe_sparsity, token_rows_hooks
-from satrun.training.trainer import train
+from satrun.training.trainer import EveryNSteps, RunIO, StartState, StepHooks, train
 
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
@@ -77,8 +77,12 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         display.message(f"warning: optim.warmup_steps={cfg.optim.warmup_steps} is longer than the run "
                         f"(trainer.max_steps={cfg.trainer.max_steps}): the learning rate never reaches optim.lr")
     keep_through = resume["run"]["step"] if resume else None
-    benchmark = periodic_benchmark(cfg, model, tokenizer, world.size) if cfg.trainer.benchmark_every else None
+    callbacks = []
+    if cfg.trainer.benchmark_every:
+        callbacks.append(periodic_benchmark(cfg, model, tokenizer, world.size))
     samples = Samples(cfg, model, tokenizer, run_dir, keep_through, world.size) if cfg.trainer.sample_every else None
+    if samples is not None:
+        callbacks.append(EveryNSteps(cfg.trainer.sample_every, samples.write))
     if world.main:  # every check passed: from here on the run writes into its folder
         resume_policy.clear(start)
         if is_adapted(model) and cfg.model.source == "random":  # the base the saved adapters name
@@ -98,24 +102,21 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         save_merged(model, tokenizer, folder)
         save_adapters(model, folder / ADAPTER_FOLDER)
 
+    io = RunIO(run_dir, display, logger, write_model, write_final, settings, started)
+    hooks = StepHooks([sparsity], token_rows_hooks(sparsity.sparsifier), StepFlopCounter(cfg, model, sparsity))
     try:
-        summary = train(model, corpus, cfg.trainer, cfg.optim, run_dir, display, save_model=write_model, save_final=write_final,
-                        hooks=[samples, sparsity] if samples else [sparsity], resume=resume, logger=logger, fill=fill,
-                        settings=settings, launched=started, batch_hooks=token_rows_hooks(sparsity.sparsifier),
-                        flops=StepFlopCounter(cfg, model, sparsity), benchmark=benchmark)
+        summary = train(model, corpus, cfg.trainer, cfg.optim, io, hooks, callbacks, StartState(resume, fill))
     except Interrupted as exc:
         raise Interrupted(f"{exc}; continue in this folder with: {resume_policy.continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
         raise DiskFull(f"{exc}; once there is space, continue in this folder with: {resume_policy.continue_command(run_dir)}") from None
-    trained = time.perf_counter()
+    finally:
+        if samples is not None:
+            samples.close()
     add_summary_fields(summary, sparsity)
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
-    if samples is not None:
-        samples.write(summary["steps"])
-        samples.close()
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir),
-                   wall_s=summary["wall_s"] + time.perf_counter() - trained,  # the trainer's, plus the last samples
                    resumed_from=str(resume_from) if resume_from else None, ranks=world.size, data=asdict(corpus.counts),
                    tokens_per_s_per_rank=summary["tokens_per_s"] / world.size)
     if world.main:
@@ -126,8 +127,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
 
 
 class Samples:
-    """``trainer.sample_every``: a step hook that has the model continue the generate.prompt(s)
-    after every N steps (and, called by the run, after the last), into ``samples.jsonl``. The
+    """``trainer.sample_every``: the model continues the generate.prompt(s) after every N steps
+    and after the last (:class:`EveryNSteps` calls :meth:`write`), into ``samples.jsonl``. The
     model generates in eval mode (so SAT's patched layers run dense) with forked random state:
     the training it interrupts goes on exactly as without it. One process only: FSDP2's
     generation would need every rank in each forward."""
@@ -139,18 +140,13 @@ class Samples:
         if ranks > 1:
             raise UsageError(f"trainer.sample_every={cfg.trainer.sample_every} works in one process, not {ranks} ranks; "
                              "generate from a checkpoint with satrun generate instead")
-        self.every, self.g, self.model, self.tokenizer = cfg.trainer.sample_every, cfg.generate, model, tokenizer
+        self.g, self.model, self.tokenizer = cfg.generate, model, tokenizer
         self.prompts = read_prompts(self.g.prompt, self.g.prompt_file)
         self.chat = uses_chat(self.g, tokenizer)
         self.precision = cfg.trainer.precision
-        # samples after step N are written once step N's checkpoint is saved: a resume from it rewrites them
-        self.open = lambda: JsonLines(run_dir / "samples.jsonl", keep_through=None if resumed_at is None else resumed_at - 1)
+        # samples after step N are written before step N's checkpoint: a resume from it keeps them
+        self.open = lambda: JsonLines(run_dir / "samples.jsonl", keep_through=resumed_at)
         self.records: Any = None  # opened at the first samples: the run may still be refused until training starts
-
-    def __call__(self, step: int) -> dict[str, Any]:
-        if step and step % self.every == 0:
-            self.write(step)
-        return {}
 
     def write(self, step: int) -> None:
         device = next(self.model.parameters()).device
@@ -164,10 +160,11 @@ class Samples:
             self.records.close()
 
 
-def periodic_benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: int) -> Callable[[], dict[str, float]]:
-    """``trainer.benchmark_every``: the eval.* benchmarks of the model as it stands (dense: the
-    harness scores it in eval mode), as ``task/metric`` scores. Unknown tasks fail here, before
-    training. One process only, as for samples: FSDP2's forwards would need every rank."""
+def periodic_benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any, ranks: int) -> EveryNSteps:
+    """``trainer.benchmark_every``: at the start, every N steps and at the end, a ``benchmark``
+    record of the eval.* benchmarks of the model as it stands (dense: the harness scores it in
+    eval mode), as ``task/metric`` scores. Unknown tasks fail here, before training. One
+    process only, as for samples: FSDP2's forwards would need every rank."""
     from satrun import evaluation
 
     if ranks > 1:
@@ -175,10 +172,10 @@ def periodic_benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any,
                          "score the run's final/ model with satrun eval instead")
     manager = evaluation.task_manager(cfg.eval)
 
-    def scores() -> dict[str, float]:
+    def record(step: int) -> dict[str, Any]:
         device = next(model.parameters()).device
         amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
-        return evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp, manager, progress=False,
-                                                     stderr=False))
+        return {"kind": "benchmark", **evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp,
+                                                                           manager, progress=False, stderr=False))}
 
-    return scores
+    return EveryNSteps(cfg.trainer.benchmark_every, record, at_start=True)

@@ -31,7 +31,6 @@ Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
 BatchHook = Callable[[Batch], None]  # called with each micro-batch before its forward
 StepFlops = Callable[[Sequence[Batch]], float]  # training FLOPs of a step's micro-batches (host batches)
-Benchmark = Callable[[], dict[str, float]]  # scores of the model as it stands, by name (e.g. "task/acc")
 
 
 def train_step(
@@ -114,7 +113,7 @@ class RunState:
     wall_s: float = 0.0  # wall-clock time of the launches so far, each up to its last checkpoint
     train_loss: float = float("nan")
     eval_history: list[dict[str, Any]] = field(default_factory=list)
-    benchmark_history: list[dict[str, Any]] = field(default_factory=list)  # "benchmark" records so far
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # periodic work's records so far, by kind
     step_log: list[tuple[str, float, int]] = field(default_factory=list)  # (stage, seconds, tokens) per step
     stage_fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: int = 0  # steps whose update was skipped (non-finite loss or gradient)
@@ -134,75 +133,108 @@ class Interval:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-def train(
-    model: torch.nn.Module,
-    corpus: Corpus,
-    trainer: TrainerConfig,
-    optim: OptimConfig,
-    run_dir: Path,
-    display: Display,
-    save_model: Optional[Callable[[Path], Any]] = None,
-    hooks: Sequence[StepHook] = (),
-    resume: Optional[dict[str, Any]] = None,
-    logger: Optional[Logger] = None,
-    fill: Optional[Callable[[torch.nn.Module], None]] = None,
-    settings: Optional[dict[str, Any]] = None,
-    launched: Optional[float] = None,
-    batch_hooks: Sequence[BatchHook] = (),
-    flops: Optional[StepFlops] = None,
-    save_final: Optional[Callable[[Path], Any]] = None,
-    benchmark: Optional[Benchmark] = None,
-) -> dict[str, Any]:
+@dataclass
+class RunIO:
+    """Where a run writes and what it says. ``save_model(folder)`` writes the (unsharded) model
+    into a checkpoint, the loop adding its own state; ``save_final(folder)`` writes ``final/``
+    where it holds more (e.g. the adapters and the merged model; default: ``save_model``).
+    ``logger`` takes the records (default: ``run_dir/metrics.jsonl``). ``settings`` (the run's
+    schedule-shaping settings) are kept in each checkpoint for the caller to compare on resume.
+    ``launched``: when this launch began (``time.perf_counter()``; default: now); the summary's
+    ``wall_s`` adds the earlier launches' time up to their checkpoint."""
+
+    run_dir: Path
+    display: Display
+    logger: Optional[Logger] = None
+    save_model: Optional[Callable[[Path], Any]] = None
+    save_final: Optional[Callable[[Path], Any]] = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    launched: Optional[float] = None
+
+
+@dataclass
+class StepHooks:
+    """What a training method adds to the steps without the loop knowing it: each of ``step``
+    is called before every step with the step number and returns fields for the train records
+    (a ``stage`` field groups the steps for the per-stage report); each of ``batch`` sees every
+    micro-batch before its forward; ``flops(host_batches)`` says a step's training FLOPs on
+    this rank (records and the summary carry them)."""
+
+    step: Sequence[StepHook] = ()
+    batch: Sequence[BatchHook] = ()
+    flops: Optional[StepFlops] = None
+
+
+@dataclass(frozen=True)
+class EveryNSteps:
+    """Periodic work (as lingua's ``every_n_steps``): ``action(step)`` after every ``every``
+    steps but the last (0: never), before the first step of a fresh run with ``at_start``, and
+    after the last with ``at_end``. An action may return a record (a dict with a ``kind``): the
+    loop logs it, keeps it through checkpoints, and puts the first and last of its kind in the
+    summary (``initial_<kind>``, ``<kind>``). A step's work is done before its checkpoint, so a
+    run resumed from that checkpoint does not do it again."""
+
+    every: int
+    action: Callable[[int], Optional[dict[str, Any]]]
+    at_start: bool = False
+    at_end: bool = True
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.every) and step % self.every == 0 and not last
+
+
+@dataclass
+class StartState:
+    """Where the weights and the loop's state come from. ``resume``: a checkpoint's training
+    state (:func:`checkpoint.load_state`; the caller has loaded unsharded weights), from which
+    the run continues exactly. ``fill(model)``: called once the model is wrapped for its
+    strategy, it gives the parameters their values where the caller built them empty (on the
+    meta device, for an FSDP2 start in which each rank fills only its shards)."""
+
+    resume: Optional[dict[str, Any]] = None
+    fill: Optional[Callable[[torch.nn.Module], None]] = None
+
+
+def train(model: torch.nn.Module, corpus: Corpus, trainer: TrainerConfig, optim: OptimConfig, io: RunIO,
+          hooks: StepHooks = StepHooks(), callbacks: Sequence[EveryNSteps] = (), start: StartState = StartState(),
+          ) -> dict[str, Any]:
     """Train ``model`` on ``corpus``; returns the run summary.
 
-    ``fill(model)`` is called once the model is wrapped for its strategy: it gives the
-    parameters their values where the caller built them empty (on the meta device, for an FSDP2
-    start in which each rank fills only its shards). Every ``trainer.save_every`` steps, and
-    when SIGINT or SIGTERM arrives, a checkpoint goes to ``run_dir/checkpoints/step_N``:
-    ``save_model(folder)`` writes the (unsharded) model into it, the loop adds its own state;
-    at the end ``save_model`` (or ``save_final``, where the final folder holds more, e.g.
-    adapters and the merged model) writes ``run_dir/final`` (:meth:`Run.write_final`). ``resume`` is such a checkpoint's training state
-    (:func:`checkpoint.load_state`; the caller has loaded unsharded weights): the run continues
-    exactly where it stopped. Each hook is called before every step with the step number; the
-    fields it returns go into the train records, and a ``stage`` field groups the steps for the
-    per-stage report. Each of ``batch_hooks`` is called with every micro-batch before its
-    forward. ``flops(host_batches)``, given a step's micro-batches before they go to the
-    device, says its training FLOPs on this rank: records carry them (``flops``, and
-    ``train_flops`` so far), as does the summary. ``benchmark()`` scores the model at the start,
-    every ``trainer.benchmark_every`` steps and at the end: ``benchmark`` records, and the last
-    scores in the summary. Records go to ``logger`` (default: ``run_dir/metrics.jsonl``).
-    ``settings`` (the run's schedule-shaping settings) are kept in each checkpoint for the
-    caller to compare on resume. ``launched``: when this launch began (``time.perf_counter()``;
-    default: now); the summary's ``wall_s`` adds the earlier launches' time up to their checkpoint.
-    With ``trainer.save_every`` the last step is checkpointed too, before ``final/``; without it,
-    a failed final write in a one-process run checkpoints the last step then, so it loses no
+    The held-out loss is evaluated at the start, every ``trainer.eval_every`` steps and at the
+    end; every ``trainer.save_every`` steps, and when SIGINT or SIGTERM arrives, a checkpoint
+    goes to ``run_dir/checkpoints/step_N``; ``callbacks`` add their own periodic work. With
+    ``trainer.save_every`` the last step is checkpointed too, before ``final/``; without it, a
+    failed final write in a one-process run checkpoints the last step then, so it loses no
     training either.
     """
     world = distributed.current()
     device = distributed.device_of(world, runtime.resolve_device(trainer.device))
     dtype = runtime.resolve_precision(trainer.precision, device)
-    objective = _prepare(model, trainer, world, device, dtype, fill, batch_hooks)
+    objective = _prepare(model, trainer, world, device, dtype, start.fill, hooks.batch)
     optimizer = build_optimizer(model, optim)
     stream = BatchStream(corpus.train, trainer.micro_batch_size, corpus.pad_id, trainer.seed, world.rank, world.size,
                          pin_memory=device.type == "cuda")  # pinned: the non_blocking copies in _to are asynchronous
     held_out = [_to(b, device) for b in eval_batches(corpus.eval, trainer.micro_batch_size, corpus.pad_id, trainer.eval_batches)]
-    logger = logger or JsonLines(run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
-    run = Run(trainer, run_dir, display, logger, model, objective, optimizer, stream, held_out,
-              runtime.autocast(device, dtype), device, world.size, save_model, settings or {},
-              launched if launched is not None else time.perf_counter(),
-              peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype), save_final=save_final or save_model,
-              benchmark=benchmark)
+    resume = start.resume
+    logger = io.logger or JsonLines(io.run_dir / "metrics.jsonl", keep_through=resume["run"]["step"] if resume else None)
+    run = Run(trainer, io, logger, model, objective, optimizer, stream, held_out, runtime.autocast(device, dtype), device,
+              world.size, peak_flops=trainer.peak_flops or runtime.peak_flops(device, dtype))
+    periodic = [EveryNSteps(trainer.eval_every, lambda step: run.evaluate(), at_start=True, at_end=False),  # the end's: finish
+                *callbacks,
+                EveryNSteps(1, lambda step: run.stop_if_asked(), at_end=False),
+                EveryNSteps(trainer.save_every, lambda step: run.checkpoint(), at_end=False)]
     if resume is not None:
         run.restore(resume)
     state = run.state
     try:
-        with _stop_requests() as stop:
+        with _stop_requests() as run.stop_requests:
             if resume is None:
-                run.evaluate()
-                run.benchmark_model()
-            display.start(trainer.max_steps, state.step)
+                for work in periodic:
+                    if work.at_start:
+                        run.perform(work)
+            io.display.start(trainer.max_steps, state.step)
             while state.step < trainer.max_steps:
-                fields = run.begin_step(hooks)
+                fields = run.begin_step(hooks.step)
                 lr = lr_at(state.step, optim, trainer.max_steps)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -211,22 +243,17 @@ def train(
                 host_batches = [next(stream) for _ in range(trainer.grad_accum)]
                 micro_batches = [_to(b, device) for b in host_batches]
                 loss, grad_norm, tokens, step_flops = train_step(objective, optimizer, micro_batches, optim.grad_clip,
-                                                                 run.amp, flops(host_batches) if flops else 0.0)
+                                                                 run.amp, hooks.flops(host_batches) if hooks.flops else 0.0)
                 runtime.synchronize(device)  # honest per-step time (no host sync happens otherwise)
                 run.end_step(loss, grad_norm, tokens, step_flops, time.perf_counter() - started, lr, host_batches, fields)
 
                 last = state.step == trainer.max_steps
                 if run.interval.steps and (state.step % trainer.log_every == 0 or last):
                     run.log()
-                if trainer.eval_every and state.step % trainer.eval_every == 0 and not last:
-                    run.evaluate()
-                if trainer.benchmark_every and state.step % trainer.benchmark_every == 0 and not last:
-                    run.benchmark_model()
-                if distributed.any_rank(bool(stop), device) and not last:
-                    run.stop(stop[0] if stop else signal.SIGTERM)  # SIGTERM: a rank the signal did not reach
-                if trainer.save_every and state.step % trainer.save_every == 0 and not last:
-                    run.checkpoint()
-            run.finish()
+                for work in periodic:  # evaluation, the callbacks', a stop request, checkpoints
+                    if work.due(state.step, last):
+                        run.perform(work)
+            run.finish([work for work in periodic if work.at_end])
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
@@ -236,7 +263,7 @@ def train(
             "trainer.grad_accum, or set trainer.activation_checkpointing=true, or shorten trainer.seq_len"
         ) from None
     finally:
-        display.close()
+        io.display.close()
         logger.close()
     return run.summary()
 
@@ -261,11 +288,10 @@ def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.
 @dataclass
 class Run:
     """What the loop's steps share, and the steps besides the training step itself: evaluation,
-    train records, checkpoints, the non-finite guard, stopping on a signal, the summary."""
+    periodic work, train records, checkpoints, the non-finite guard, stopping on a signal, the summary."""
 
     trainer: TrainerConfig
-    run_dir: Path
-    display: Display
+    io: RunIO
     logger: Logger
     model: torch.nn.Module
     objective: torch.nn.Module
@@ -275,19 +301,25 @@ class Run:
     amp: Any
     device: torch.device
     ranks: int
-    save_model: Optional[Callable[[Path], Any]]
-    settings: dict[str, Any]
-    launched: float
     peak_flops: Optional[float] = None  # per device: records and the summary then carry the model FLOP utilisation
-    save_final: Optional[Callable[[Path], Any]] = None  # writes final/ (default: save_model)
-    benchmark: Optional[Benchmark] = None  # scores the model: benchmark records
     state: RunState = field(default_factory=RunState)
     interval: Interval = field(init=False)
     last_checkpoint: Optional[Path] = None
     earlier_wall_s: float = 0.0
+    launched: float = field(init=False)
+    stop_requests: list[int] = field(default_factory=list)  # signals noted while the loop runs
 
     def __post_init__(self) -> None:
         self.interval = Interval(loss=torch.zeros((), device=self.device))
+        self.launched = self.io.launched if self.io.launched is not None else time.perf_counter()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.io.run_dir
+
+    @property
+    def display(self) -> Display:
+        return self.io.display
 
     def restore(self, resume: dict[str, Any]) -> None:
         """Continue from a checkpoint's training state (:func:`checkpoint.load_state`)."""
@@ -311,15 +343,22 @@ class Run:
         self.display.eval(record)
         self.state.eval_history.append(record)
 
-    def benchmark_model(self) -> None:
-        """A ``benchmark`` record of the model as it stands (none without a benchmark)."""
-        if self.benchmark is None:
+    def perform(self, work: EveryNSteps) -> None:
+        """Periodic work at this step; the record it returns, if any, is logged and kept."""
+        record = work.action(self.state.step)
+        if not isinstance(record, dict):  # (a checkpoint's action returns its folder)
             return
-        record = {"kind": "benchmark", "step": self.state.step, **self.benchmark()}
-        distributed.reshard(self.objective)
+        record = {"kind": record["kind"], "step": self.state.step, **record}
+        distributed.reshard(self.objective)  # the work may have run the model's forward (FSDP2)
         self.logger.log(record)
-        self.display.message(f"benchmark step {record['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in _scores(record).items()))
-        self.state.benchmark_history.append(record)
+        self.display.message(f"{record['kind']} step {record['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in _scores(record).items()))
+        self.state.records.setdefault(record["kind"], []).append(record)
+
+    def stop_if_asked(self) -> None:
+        """A signal arrived on some rank: save, then stop with its exit status (SIGTERM: a rank
+        the signal did not reach)."""
+        if distributed.any_rank(bool(self.stop_requests), self.device):
+            self.stop(self.stop_requests[0] if self.stop_requests else signal.SIGTERM)
 
     def begin_step(self, hooks: Sequence[StepHook]) -> dict[str, Any]:
         """The hooks' fields for this step's record; a record never spans two stages."""
@@ -395,10 +434,10 @@ class Run:
             self.log()
         self.state.wall_s = self.wall_s()
         training_state = {"run": asdict(self.state), "data": self.stream.state_dict(), "rng": checkpoint.rng_state(),
-                          "settings": self.settings}
+                          "settings": self.io.settings}
         try:
             folder = checkpoint.save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
-                                                training_state, self.save_model, self.trainer.keep_checkpoints)
+                                                training_state, self.io.save_model, self.trainer.keep_checkpoints)
         except DiskFull as exc:
             kept = self.last_checkpoint or _newest(self.run_dir)
             raise DiskFull(f"{exc}; last intact checkpoint: {kept or 'none'}") from None
@@ -406,14 +445,14 @@ class Run:
         self.last_checkpoint = folder
         return folder
 
-    def finish(self) -> None:
-        """The last evaluation and, with ``trainer.save_every``, the last step's checkpoint (a
-        resume from that checkpoint has both), then ``final/``. A checkpoint the disk has no
-        room for is a warning here: ``final/``, a third of its size, may still fit."""
-        history = self.state.benchmark_history
-        if not (history and history[-1]["step"] == self.state.step):  # (nothing without a benchmark)
-            self.benchmark_model()
+    def finish(self, at_end: Sequence[EveryNSteps]) -> None:
+        """The last step's periodic work and evaluation and, with ``trainer.save_every``, its
+        checkpoint (a run resumed from that checkpoint has all of them), then ``final/``. A
+        checkpoint the disk has no room for is a warning here: ``final/``, a third of its size,
+        may still fit."""
         if not self.evaluated_last():
+            for work in at_end:
+                self.perform(work)
             self.evaluate()
             if self.trainer.save_every:
                 try:
@@ -427,11 +466,12 @@ class Run:
         one-process run, the last step is checkpointed first (where it is not yet), so no
         training is lost; on a full disk that may fail too, and the one line then says what was
         kept. (Under several ranks the failure may be one rank's alone: no collective follows.)"""
-        if self.save_final is None:
+        save_final = self.io.save_final or self.io.save_model
+        if save_final is None:
             return
         try:
             with staged_folder(self.run_dir / "final") as staging:
-                self.save_final(staging)
+                save_final(staging)
         except Exception as exc:
             last = f"step_{self.state.step}"
             kept = _newest(self.run_dir)
@@ -465,8 +505,8 @@ class Run:
             "initial_eval_loss": state.eval_history[0]["eval_loss"],
             "eval_loss": state.eval_history[-1]["eval_loss"],
             "eval_ppl": state.eval_history[-1]["eval_ppl"],
-            **({"initial_benchmark": _scores(state.benchmark_history[0]), "benchmark": _scores(state.benchmark_history[-1])}
-               if state.benchmark_history else {}),
+            **{f"{prefix}{kind}": _scores(records[at]) for kind, records in state.records.items()
+               for prefix, at in (("initial_", 0), ("", -1))},
             "tokens_per_s": state.tokens / state.train_s if state.train_s else 0.0,
             "train_s": state.train_s,
             **self.utilisation(state.train_flops, state.train_s),
