@@ -181,6 +181,11 @@ def test_wrong_types_are_rejected_naming_the_key(raw, key):
         ({"scheduler": {"name": "constant", "dense_fraction": 0.2}}, "scheduler.dense_fraction=0.2 does nothing"),
         ({"scheduler": {"name": "dense"}, "metric": {"name": "wanda"}}, "metric=wanda does nothing with scheduler=dense"),
         ({"scheduler": {"name": "dense"}, "selector": {"fill": "zero"}}, "selector.fill=zero does nothing with scheduler=dense"),
+        ({"logger": {"name": "jsonl", "project": "mine"}}, "logger.project=mine does nothing with logger=jsonl"),
+        ({"logger": {"name": "tensorboard", "mode": "online"}}, "logger.mode=online does nothing with logger=tensorboard"),
+        ({"data": {"hub_config": "en"}}, "data.hub_config=en does nothing with data.format=bible"),
+        ({"data": {"name": "mine", "format": "jsonl", "path": "x.jsonl", "sample_by": "line"}},
+         "data.sample_by=line does nothing with data.format=jsonl"),
         ({"trainer": {"eval_every": -1}}, "trainer.eval_every"),
         ({"trainer": {"precision": "fp16"}}, "trainer.precision"),
         ({"trainer": {"progress": "spinner"}}, "trainer.progress"),
@@ -290,15 +295,15 @@ def test_sft_record_settings_are_read_where_they_are_set_and_refused_elsewhere(c
     from satrun.config import sparse_tokens
 
     jsonl = ["mode=sft", "data=jsonl", "data.path=x.jsonl"]
-    for args, says in ((["data.schema=alpaca", "data.prompt_field=q"], "data.prompt_field does nothing with data.schema=alpaca"),
-                       (["data.messages_field=chat"], "set data.schema=messages"),
+    for args, says in ((["data.schema=alpaca", "data.prompt_field=q"], "data.prompt_field=q does nothing with data.schema=alpaca"),
+                       (["data.messages_field=chat"], "data.schema=messages reads chats"),
                        (["data.schema=yaml"], "data.schema='yaml' is not one of"),
                        (["mode=cpt", "data.schema=messages"], "does nothing with mode=cpt"),
-                       (["mode=cpt", "mode.train_on_inputs=true"], "mode.train_on_inputs=true is for mode=sft"),
+                       (["mode=cpt", "mode.train_on_inputs=true"], "mode.train_on_inputs=true does nothing with mode=cpt"),
                        (["mode.train_on_inputs=true", "scheduler.tokens=unlabelled"], "with mode.train_on_inputs=true every token")):
         with pytest.raises(UsageError, match=re.escape(says)):
             _typed(compose, *jsonl, *args)
-    with pytest.raises(UsageError, match="does nothing with data=chatterbot"):
+    with pytest.raises(UsageError, match="does nothing with data.format=chatterbot"):
         _typed(compose, "mode=sft", "data=chatterbot", "data.schema=alpaca")
     assert _typed(compose, "mode=sft", "data=chatterbot", "data.system_prompt=Be brief.").data.system_prompt == "Be brief."
     cfg = _typed(compose, *jsonl, "data.schema=messages", "data.messages_field=chat", "data.system_field=sys")

@@ -19,7 +19,8 @@ from satrun.errors import UsageError
 from satrun.perf.settings import BenchConfig, PlanConfig, ProbeConfig
 from satrun.sat import schedule
 from satrun.sat.importance import METRICS
-from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
+from satrun.sat.settings import (FILLS, NORMALIZE, OMIT, SELECTORS, SPARSE_TOKENS, MetricConfig, SchedulerConfig,
+                                 SelectorConfig)
 
 
 @dataclass
@@ -215,11 +216,11 @@ _CHOICES = {
     "trainer.strategy": ("auto", "single", "ddp", "fsdp"),
     "launcher.name": ("none", "torchrun"),
     "metric.name": METRICS,
-    "selector.name": ("topk", "sampling"),
-    "selector.normalize": ("max", "rank"),
-    "selector.fill": ("zero", "mean"),
-    "scheduler.tokens": ("auto", "all", "unlabelled"),
-    "scheduler.omit": ("forward", "backward"),
+    "selector.name": SELECTORS,
+    "selector.normalize": NORMALIZE,
+    "selector.fill": FILLS,
+    "scheduler.tokens": ("auto", *SPARSE_TOKENS),
+    "scheduler.omit": OMIT,
 }
 
 
@@ -344,7 +345,7 @@ def validate(cfg: TrainConfig) -> None:
         "eval.limit": (e.limit, e.limit is None or e.limit > 0, "positive (below 1: a share of each task), or null"),
         "eval.num_fewshot": (e.num_fewshot, e.num_fewshot is None or e.num_fewshot >= 0, "non-negative, or null"),
     })
-    _refuse_ignored(cfg)
+    _refuse_unread(cfg)
     if cfg.plan.ranks < 1:
         raise UsageError(f"plan.ranks must be at least 1, got {cfg.plan.ranks}")
     if cfg.bench.steps < 1 or cfg.bench.repeats < 1 or not all(0.0 < r < 1.0 for r in cfg.bench.rates) \
@@ -365,7 +366,7 @@ def validate(cfg: TrainConfig) -> None:
     if p.target_speedup is not None and p.target_speedup <= 1.0:
         raise UsageError(f"probe.target_speedup must be above 1, got {p.target_speedup}")
     try:
-        schedule.build_stages(cfg.scheduler, t.max_steps)
+        schedule.validate(cfg.scheduler)  # the stages themselves are built once, where they are used
     except schedule.ScheduleError as exc:
         raise UsageError(str(exc)) from exc
     if cfg.scheduler.tokens == "unlabelled" and (cfg.mode.name == "cpt" or cfg.mode.train_on_inputs):
@@ -381,7 +382,6 @@ def validate(cfg: TrainConfig) -> None:
         _check_backward_omission(cfg)
     if d.packing and cfg.mode.name != "sft":
         raise UsageError("data.packing=true packs chats (mode=sft); CPT text is always packed into blocks of trainer.seq_len")
-    _check_sft_records(cfg)
     if d.format in ("text", "jsonl", "parquet", "hub") and not d.path:
         raise UsageError(f"data={d.name} needs data.path=<{'dataset name' if d.format == 'hub' else 'file, folder or glob'}>")
 
@@ -393,25 +393,6 @@ def _require_each(checks: dict[str, tuple[Any, bool, str]]) -> None:
             raise UsageError(f"{key}={'null' if value is None else value} must be {expected}")
 
 
-def _check_sft_records(cfg: TrainConfig) -> None:
-    """The SFT record settings only where they are read: a setting that would do nothing is refused."""
-    d, default = cfg.data, DataConfig()
-    changed = [key for key in ("schema", "prompt_field", "response_field", "messages_field", "system_field", "system_prompt")
-               if getattr(d, key) != getattr(default, key)]
-    if cfg.mode.train_on_inputs and cfg.mode.name != "sft":
-        raise UsageError("mode.train_on_inputs=true is for mode=sft (in mode=cpt every token carries a loss already)")
-    if changed and cfg.mode.name != "sft":
-        raise UsageError(f"data.{changed[0]} describes SFT records and does nothing with mode={cfg.mode.name}; leave it out")
-    if cfg.mode.name != "sft":
-        return
-    packaged = [key for key in changed if key != "system_prompt"] if d.format == "chatterbot" else []
-    if packaged:
-        raise UsageError(f"data.{packaged[0]} does nothing with data=chatterbot (its records are chats already); leave it out")
-    read = {"pairs": ("prompt_field", "response_field"), "messages": ("messages_field",)}.get(d.schema, ())
-    unread = [key for key in ("prompt_field", "response_field", "messages_field") if key in changed and key not in read]
-    if unread:
-        raise UsageError(f"data.{unread[0]} does nothing with data.schema={d.schema}"
-                         + ("" if d.schema == "messages" or unread[0] != "messages_field" else "; set data.schema=messages to read chats"))
 
 
 def _check_backward_omission(cfg: TrainConfig) -> None:
@@ -434,40 +415,78 @@ def sparse_tokens(cfg: TrainConfig) -> str:
     return "unlabelled" if cfg.mode.name == "sft" and not cfg.mode.train_on_inputs else "all"
 
 
-# Keys an option does not read: setting one away from its default would do nothing, so it is refused.
-_IGNORED = {
-    ("selector", "topk"): ("temperature", "normalize"),
-    ("metric", "random"): ("token_stride",),
-    ("metric", "magnitude"): ("token_stride",),
-    ("metric", "wanda"): ("token_stride",),
-    ("launcher", "none"): ("nproc_per_node",),
-    ("adapter", "none"): ("r", "alpha", "dropout", "target_modules"),
-    ("scheduler", "constant"): ("sparse_fraction", "ladder_steps", "dense_fraction"),
-    ("scheduler", "dense"): ("rate", "attn_rate", "sparse_fraction", "ladder_steps", "dense_fraction", "layers", "layer_scale",
-                             "tokens", "omit"),
+_SETTINGS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name in
+                  ("schema", "prompt_field", "response_field", "messages_field", "system_field"))
+_SCHEMAS = {  # data.schema: (the keys it does not read, what it reads)
+    "pairs": (("messages_field",), "it reads data.prompt_field and data.response_field; data.schema=messages reads chats"),
+    "alpaca": (("prompt_field", "response_field", "messages_field"), "it reads the fields instruction, input and output"),
+    "prompt_completion": (("prompt_field", "response_field", "messages_field"), "it reads the fields prompt and completion"),
+    "messages": (("prompt_field", "response_field"), "it reads data.messages_field"),
 }
 
 
+@dataclass(frozen=True)
+class _Unread:
+    """Under ``key`` set to one of ``values``, the ``keys`` are not read: one set away from its
+    default would do nothing, so it is refused in one line (with ``hint``)."""
+
+    key: str
+    values: tuple[str, ...]
+    keys: tuple[str, ...]
+    hint: str = ""
+
+
+def _fields(section: str, cls: type) -> tuple[str, ...]:
+    return tuple(f"{section}.{f.name}" for f in dataclasses.fields(cls))
+
+
+# Every setting an option does not read, in one table (checked in order).
+UNREAD = (
+    _Unread("scheduler.name", ("dense",), tuple(f"scheduler.{k}" for k in ("rate", "attn_rate", "sparse_fraction", "ladder_steps",
+            "dense_fraction", "layers", "layer_scale", "tokens", "omit")) + _fields("metric", MetricConfig)
+            + _fields("selector", SelectorConfig), "SAT is off"),
+    _Unread("scheduler.name", ("constant",), ("scheduler.sparse_fraction", "scheduler.ladder_steps", "scheduler.dense_fraction")),
+    _Unread("selector.name", ("topk",), ("selector.temperature", "selector.normalize")),
+    _Unread("metric.name", ("random", "magnitude", "wanda"), ("metric.token_stride",)),
+    _Unread("launcher.name", ("none",), ("launcher.nproc_per_node",)),
+    _Unread("adapter.name", ("none",), ("adapter.r", "adapter.alpha", "adapter.dropout", "adapter.target_modules")),
+    _Unread("logger.name", ("jsonl", "tensorboard"), ("logger.project", "logger.mode"), "they are Weights & Biases'"),
+    _Unread("mode.name", ("cpt",), ("mode.train_on_inputs", *(f"data.{k}" for k in (*_SETTINGS, "system_prompt"))),
+            "they describe SFT records; in CPT every token carries a loss"),
+    _Unread("data.format", ("chatterbot",), tuple(f"data.{k}" for k in _SETTINGS), "its records are chats already"),
+    *(_Unread("data.schema", (schema,), tuple(f"data.{k}" for k in keys), reads) for schema, (keys, reads) in _SCHEMAS.items()),
+    _Unread("data.format", ("bible", "chatterbot", "text", "jsonl", "parquet"), ("data.hub_config", "data.split"),
+            "they choose what data=hub reads"),
+    _Unread("data.format", ("bible", "chatterbot", "jsonl", "parquet", "hub"), ("data.sample_by",),
+            "it splits plain text files (data=text)"),
+)
+
+
+def _value(cfg: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def unread_keys(section: str, option: str) -> tuple[str, ...]:
-    """The keys of ``section`` that its option ``option`` does not read."""
-    return _IGNORED.get((section, option), ())
+    """The keys of ``section`` that its option ``option`` (``section.name``) does not read."""
+    return tuple(key.split(".")[1] for rule in UNREAD if rule.key == f"{section}.name" and option in rule.values
+                 for key in rule.keys if key.startswith(f"{section}."))
 
 
-def _refuse_ignored(cfg: TrainConfig) -> None:
-    for (section, option), keys in _IGNORED.items():
-        group = getattr(cfg, section)
-        if group.name != option:
+def _refuse_unread(cfg: TrainConfig) -> None:
+    defaults = TrainConfig()
+    for rule in UNREAD:
+        option = _value(cfg, rule.key)
+        if option not in rule.values:
             continue
-        default = type(group)()
-        for key in keys:
-            if getattr(group, key) != getattr(default, key):
-                raise UsageError(f"{section}.{key}={getattr(group, key)} does nothing with {section}={option}; "
-                                 f"leave it out (or choose a {section} that uses it)")
-    if cfg.scheduler.name == "dense":  # SAT is off: neurons are neither scored nor selected
-        for section in ("metric", "selector"):
-            group, default = getattr(cfg, section), type(getattr(cfg, section))()
-            for key in group.__dataclass_fields__:
-                if getattr(group, key) != getattr(default, key):
-                    name = section if key == "name" else f"{section}.{key}"
-                    raise UsageError(f"{name}={getattr(group, key)} does nothing with scheduler=dense (SAT is off); "
-                                     "leave it out")
+        for key in rule.keys:
+            value = _value(cfg, key)
+            if value != _value(defaults, key):
+                name = key.split(".")[0] if key.endswith(".name") else key
+                where = f"{rule.key.split('.')[0]}={option}" if rule.key.endswith(".name") else f"{rule.key}={option}"
+                raise UsageError(f"{name}={_shown(value)} does nothing with {where}"
+                                 + (f" ({rule.hint})" if rule.hint else "") + "; leave it out")

@@ -29,3 +29,7 @@ class NonFiniteLoss(RunStopped):
 
 class DiskFull(RunStopped):
     """A checkpoint or model folder could not be written: the disk (or quota) is full."""
+
+
+class OutOfMemory(UsageError):
+    """A step did not fit in the device's (or host's) memory: the settings ask for too much."""

@@ -11,7 +11,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from satrun.config import TrainConfig
-from satrun.errors import DiskFull, Interrupted, UsageError
+from satrun.errors import DiskFull, Interrupted, OutOfMemory, UsageError
 from satrun.generation import describe, generate_texts, uses_chat
 from satrun.inference import read_prompts
 from satrun.inputs import load_inputs
@@ -110,6 +110,11 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         raise Interrupted(f"{exc}; continue in this folder with: {resume_policy.continue_command(run_dir)}", exc.exit_code - 128) from None
     except DiskFull as exc:
         raise DiskFull(f"{exc}; once there is space, continue in this folder with: {resume_policy.continue_command(run_dir)}") from None
+    except OutOfMemory as exc:
+        t = cfg.trainer
+        raise UsageError(f"trainer.micro_batch_size={t.micro_batch_size} at trainer.seq_len={t.seq_len} does not fit in "
+                         f"memory ({exc}); lower trainer.micro_batch_size and raise trainer.grad_accum, or set "
+                         "trainer.activation_checkpointing=true, or shorten trainer.seq_len") from None
     finally:
         if samples is not None:
             samples.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from satrun.sat.settings import SchedulerConfig
+from satrun.sat.settings import OMIT, SchedulerConfig
 
 
 class ScheduleError(ValueError):
@@ -58,8 +58,8 @@ class Stage:
 def validate(cfg: SchedulerConfig) -> None:
     if cfg.name not in ("dense", "constant", "ladder"):
         raise ScheduleError(f"scheduler.name={cfg.name!r} is not one of: dense, constant, ladder")
-    if cfg.omit not in ("forward", "backward"):
-        raise ScheduleError(f"scheduler.omit={cfg.omit!r} is not one of: forward, backward")
+    if cfg.omit not in OMIT:
+        raise ScheduleError(f"scheduler.omit={cfg.omit!r} is not one of: {', '.join(OMIT)}")
     backward = cfg.omit == "backward"  # a backward-only omission may drop every channel (rate 1)
     if not (0.0 <= cfg.rate <= 1.0 if backward else 0.0 <= cfg.rate < 1.0):
         raise ScheduleError(f"scheduler.rate={cfg.rate} must be in {'[0, 1]' if backward else '[0, 1)'}")

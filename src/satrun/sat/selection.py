@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from satrun.sat.settings import NORMALIZE
+
 
 def kept_count(n: int, rate: float, align: int = 1) -> int:
     """How many of ``n`` neurons to keep at omission ``rate``: round((1 - rate) * n), at least one,
@@ -36,7 +38,6 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-NORMALIZE = ("max", "rank")
 
 
 def normalized(scores: torch.Tensor, how: str = "max") -> torch.Tensor:

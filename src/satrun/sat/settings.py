@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+# The choices of the SAT settings, named once (the config validates against them, the library too).
+SELECTORS = ("topk", "sampling")
+NORMALIZE = ("max", "rank")
+FILLS = ("zero", "mean")
+SPARSE_TOKENS = ("all", "unlabelled")  # which tokens omit neurons (the config adds auto)
+OMIT = ("forward", "backward")  # where neurons are omitted: the paper's sub-network, or the backward only
+
 
 @dataclass
 class MetricConfig:

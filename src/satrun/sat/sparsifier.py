@@ -38,11 +38,8 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
-from satrun.sat.settings import MetricConfig, SelectorConfig
+from satrun.sat.settings import FILLS, NORMALIZE, OMIT, SELECTORS, SPARSE_TOKENS, MetricConfig, SelectorConfig
 from satrun.sat.sparse_ops import exact_forward_swiglu, gathered_linear, sparse_swiglu, token_split_swiglu
-
-
-OMIT = ("forward", "backward")  # where neurons are omitted: the paper's sub-network, or the backward only
 
 
 class UnsupportedModel(ValueError):
@@ -75,19 +72,17 @@ class Sparsifier:
     omit: str = "forward"  # forward | backward: where omitted neurons are left out (see the module's docstring)
 
     def __post_init__(self) -> None:
-        if self.tokens not in ("all", "unlabelled"):
-            raise ValueError(f"tokens={self.tokens!r} is not one of: all, unlabelled")
+        if self.tokens not in SPARSE_TOKENS:
+            raise ValueError(f"tokens={self.tokens!r} is not one of: {', '.join(SPARSE_TOKENS)}")
         if self.omit not in OMIT:
             raise ValueError(f"omit={self.omit!r} is not one of: {', '.join(OMIT)}")
         self._rows: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if self.metric.name not in importance.METRICS:
             raise ValueError(f"metric.name={self.metric.name!r} is not one of: {', '.join(importance.METRICS)}")
-        if self.selector.name not in ("topk", "sampling"):
-            raise ValueError(f"selector.name={self.selector.name!r} is not one of: topk, sampling")
-        if self.selector.fill not in ("zero", "mean"):
-            raise ValueError(f"selector.fill={self.selector.fill!r} is not one of: zero, mean")
-        if self.selector.normalize not in selection.NORMALIZE:
-            raise ValueError(f"selector.normalize={self.selector.normalize!r} is not one of: {', '.join(selection.NORMALIZE)}")
+        for key, value, allowed in (("selector.name", self.selector.name, SELECTORS), ("selector.fill", self.selector.fill, FILLS),
+                                    ("selector.normalize", self.selector.normalize, NORMALIZE)):
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
         decoder = _decoder_layers(self.model)
         chosen = range(len(decoder)) if self.layers is None else sorted(set(self.layers))
         bad = [i for i in chosen if not 0 <= i < len(decoder)]

@@ -18,7 +18,7 @@ import torch
 
 from satrun.config import TrainerConfig, OptimConfig
 from satrun.data import BatchStream, Corpus, eval_batches, label_tokens, token_counts
-from satrun.errors import DiskFull, Interrupted, NonFiniteLoss, UsageError
+from satrun.errors import DiskFull, Interrupted, NonFiniteLoss, OutOfMemory
 from satrun.training import checkpoint, distributed, runtime
 from satrun.training.display import Display
 from satrun.training.loggers import JsonLines, Logger
@@ -257,11 +257,7 @@ def train(model: torch.nn.Module, corpus: Corpus, trainer: TrainerConfig, optim:
     except (RuntimeError, torch.OutOfMemoryError) as exc:
         if not runtime.is_out_of_memory(exc):
             raise
-        raise UsageError(
-            f"trainer.micro_batch_size={trainer.micro_batch_size} at trainer.seq_len={trainer.seq_len} does not fit "
-            f"in memory (step {state.step}){runtime.memory_hint(device)}; lower trainer.micro_batch_size and raise "
-            "trainer.grad_accum, or set trainer.activation_checkpointing=true, or shorten trainer.seq_len"
-        ) from None
+        raise OutOfMemory(f"out of memory at step {state.step}{runtime.memory_hint(device)}") from None
     finally:
         io.display.close()
         logger.close()
