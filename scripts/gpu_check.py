@@ -27,7 +27,6 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -289,18 +288,34 @@ def check_bench(size: dict, device: torch.device, dtype: torch.dtype, out_dir: P
         sizes = ([f"model.hidden_size={size['hidden']}", f"model.intermediate_size={size['intermediate']}",
                   f"model.num_heads={size['heads']}", f"model.num_kv_heads={size['heads']}", "model.num_layers=2"]
                  if smoke else ["model=llama2-7b", "model.num_layers=4", "model.vocab_size=null"])
-        command = [sys.executable, "-m", "satrun", "bench", *sizes, "model.source=random", f"trainer.device={device.type}",
+        command = ["bench", *sizes, "model.source=random", f"trainer.device={device.type}",
                    f"trainer.precision={'bf16' if dtype == torch.bfloat16 else 'fp32'}",
                    f"trainer.seq_len={64 if smoke else 2048}", f"trainer.micro_batch_size={1 if smoke else 4}",
                    "~calibration", "bench.rates=[0.5]", f"bench.steps={1 if smoke else 3}", f"bench.repeats={1 if smoke else 2}",
                    f"selector.align={align}", f"trainer.compile={compiled}", *extra, f"hydra.run.dir={folder}"]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            rows[name] = {"error": done.stderr.strip().splitlines()[-1:] or ["failed"]}
+        code, said = _satrun(command)  # in this process: no interpreter start-up and imports per row
+        if code != 0:
+            rows[name] = {"error": said.strip().splitlines()[-1:] or ["failed"]}
             continue
         bench = json.loads((folder / "bench.json").read_text())
         rows[name] = [{k: r.get(k) for k in ("name", "speedup", "ideal_speedup", "efficiency", "mfu", "profile_s")} for r in bench]
     return rows
+
+
+def _satrun(args: list[str]) -> tuple[int, str]:
+    """``satrun <args>`` through its main() in this process: the exit status and what it wrote to stderr."""
+    import contextlib
+    import io
+
+    from satrun.cli.main import main as satrun_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            code = satrun_main(args)
+        except Exception as exc:  # a bug's traceback: one line of it in the row
+            code, _ = 1, err.write(f"{type(exc).__name__}: {exc}\n")
+    return code, err.getvalue()
 
 
 def main() -> None:

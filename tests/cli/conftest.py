@@ -31,18 +31,20 @@ def run_satrun(args: list[str], cwd: Path, memory_limit: Optional[int] = None, t
     )
 
 
-def run_in_process(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> subprocess.CompletedProcess:
-    """The CLI's main() in this process, as the command would run: its exit status and output.
-    It saves the interpreter start-up and imports (about 7 s on two cores) of a subprocess."""
+def run_in_process(args: list[str], cwd: Path, capsys: Optional[pytest.CaptureFixture] = None) -> subprocess.CompletedProcess:
+    """The CLI's main() in this process, as the command would run: its exit status and output
+    (with ``capsys``; without, for module-scoped runs, the output is not kept). It saves the
+    interpreter start-up and imports (about 7 s on two cores) of a subprocess."""
     import traceback
 
     from satrun.cli.main import main
 
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         patch.setenv("TOKENIZERS_PARALLELISM", "false")
         patch.delenv("SATRUN_DEBUG", raising=False)
-        capsys.readouterr()
+        if capsys is not None:
+            capsys.readouterr()
         try:
             code = main(list(args))
         except SystemExit as exc:  # Hydra's --help ends with sys.exit(0)
@@ -50,18 +52,18 @@ def run_in_process(args: list[str], cwd: Path, capsys: pytest.CaptureFixture, mo
         except Exception:  # as the interpreter would: a traceback and status 1
             traceback.print_exc()
             code = 1
-        out = capsys.readouterr()
-    return subprocess.CompletedProcess(["satrun", *args], code, out.out, out.err)
+        out = capsys.readouterr() if capsys is not None else None
+    return subprocess.CompletedProcess(["satrun", *args], code, out.out if out else "", out.err if out else "")
 
 
 @pytest.fixture
-def satrun(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
+def satrun(tmp_path: Path, capsys: pytest.CaptureFixture) -> Callable[..., subprocess.CompletedProcess]:
     """``satrun(*args)``: the command in ``tmp_path``, in this process (a subprocess where an
     address-space limit applies)."""
     def call(*args: str, memory_limit: Optional[int] = None) -> subprocess.CompletedProcess:
         if memory_limit:
             return run_satrun(list(args), tmp_path, memory_limit=memory_limit)
-        return run_in_process(list(args), tmp_path, capsys, monkeypatch)
+        return run_in_process(list(args), tmp_path, capsys)
 
     return call
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli.conftest import TINY, read_jsonl
+from tests.cli.conftest import TINY, read_jsonl, run_in_process
 
 LORA = [*TINY, "adapter=lora", "adapter.r=4", "scheduler=dense", "trainer.max_steps=4", "trainer.log_every=1",
         "trainer.eval_every=0", "optim.lr=1e-2"]
@@ -44,48 +44,52 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(tmp_path: Path
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)  # B moved
 
 
-def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(satrun, tmp_path: Path) -> None:
-    full = satrun("train", *LORA, "trainer.save_every=2", "hydra.run.dir=full")
-    assert full.returncode == 0, full.stderr[-3000:]
-    step = tmp_path / "full" / "checkpoints" / "step_2"
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One dense LoRA run of LORA, checkpointed every 2 steps, which the tests below only read."""
+    root = tmp_path_factory.mktemp("lora")
+    assert run_in_process(["train", *LORA, "trainer.save_every=2", "hydra.run.dir=run"], root).returncode == 0
+    return root / "run"
+
+
+def test_lora_checkpoints_hold_the_adapters_and_resume_exactly(satrun, tmp_path: Path, lora_run: Path) -> None:
+    step = lora_run / "checkpoints" / "step_2"
     assert (step / "adapter" / "adapter_model.safetensors").is_file() and not list(step.glob("*.safetensors"))
-    resumed = satrun("train", *LORA, "trainer.save_every=2", "resume=full/checkpoints/step_2", "hydra.run.dir=resumed")
+    resumed = satrun("train", *LORA, "trainer.save_every=2", f"resume={step}", "hydra.run.dir=resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    losses = lambda run: {r["step"]: r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"}  # noqa: E731
-    got, want = losses("resumed"), losses("full")
+    losses = lambda run: {r["step"]: r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"}  # noqa: E731
+    got, want = losses(tmp_path / "resumed"), losses(lora_run)
     assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got)
 
     from safetensors.torch import load_file
 
     a = load_file(tmp_path / "resumed" / "final" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "full" / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(lora_run / "final" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path: Path) -> None:
+def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path: Path, lora_run: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    result = satrun("train", *LORA, "trainer.save_every=4", "hydra.run.dir=run")
-    assert result.returncode == 0, result.stderr[-3000:]
-    final = tmp_path / "run" / "final"
+    final = lora_run / "final"
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")
+    base = AutoModelForCausalLM.from_pretrained(lora_run / "base")
     adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = adapted(ids).logits, merged(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # a fresh base: PeftModel.from_pretrained put the adapters into the first
-        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "base")(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(lora_run / "base")(ids).logits
     assert not torch.allclose(plain, want)  # the adapters changed the model
     import json
 
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
-    assert Path(config["base_model_name_or_path"]) == (tmp_path / "run" / "base").resolve()
+    assert Path(config["base_model_name_or_path"]) == (lora_run / "base").resolve()
     # satrun generate: the merged final/, its adapter on the base it names, a checkpoint's adapter
     outputs = []
-    for name, run in (("merged", "run"), ("adapter", "run/final/adapter"), ("checkpoint", "run/checkpoints/step_4")):
+    for name, run in (("merged", lora_run), ("adapter", final / "adapter"), ("checkpoint", lora_run / "checkpoints" / "step_4")):
         done = satrun("generate", f"generate.run={run}", "generate.prompt=[In the beginning]", "generate.max_new_tokens=5",
                       "generate.chat=off", f"hydra.run.dir=gen-{name}")
         assert done.returncode == 0, done.stderr[-2000:]
@@ -93,16 +97,15 @@ def test_the_final_folder_loads_merged_and_as_base_plus_adapter(satrun, tmp_path
     assert outputs[0] == outputs[1] == outputs[2] and outputs[0]
 
 
-def test_sat_lora_trains_the_adapters_and_leaves_the_base_alone(satrun, tmp_path: Path) -> None:
+def test_sat_lora_trains_the_adapters_and_leaves_the_base_alone(satrun, tmp_path: Path, lora_run: Path) -> None:
     """SAT with LoRA: the sparse steps train the adapters (the loss moves like the dense LoRA
     run's), and the base saved at the end is bit for bit the dense LoRA run's (both untouched)."""
     from safetensors.torch import load_file
 
-    dense = satrun("train", *LORA, "hydra.run.dir=dense")
     sat = satrun("train", *[a for a in LORA if a != "scheduler=dense"], "scheduler=constant", "scheduler.rate=0.5",
                  "scheduler.attn_rate=0.5", "hydra.run.dir=sat")
-    assert dense.returncode == 0 and sat.returncode == 0, sat.stderr[-3000:]
-    a, b = (load_file(tmp_path / run / "base" / "model.safetensors") for run in ("dense", "sat"))
+    assert sat.returncode == 0, sat.stderr[-3000:]
+    a, b = (load_file(run / "base" / "model.safetensors") for run in (lora_run, tmp_path / "sat"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     from peft import PeftModel  # the merged final/ is that base plus the adapters: training left the base alone
     from transformers import AutoModelForCausalLM

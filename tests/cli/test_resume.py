@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import TINY, read_jsonl
+from tests.cli.conftest import TINY, read_jsonl, run_in_process
 
 # 12 steps of the default ladder: sparse steps 0-5, ladder 6-9, dense 10-11; checkpoints at 5 and 10.
 SHORT = [*TINY, "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.save_every=5",
@@ -109,7 +109,15 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None
 LONG = [*TINY, "trainer.max_steps=60", "trainer.log_every=1", "trainer.eval_every=0"]
 
 
-def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(satrun, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def long_full(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted LONG run, which the interrupted ones are compared with (read only)."""
+    root = tmp_path_factory.mktemp("long")
+    assert run_in_process(["train", *LONG, "hydra.run.dir=full"], root).returncode == 0
+    return root / "full"
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(satrun, tmp_path: Path, long_full: Path) -> None:
     proc = _start([*LONG, "hydra.run.dir=run"], tmp_path)
     metrics = tmp_path / "run" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(_losses(tmp_path / "run")) >= 3, proc)
@@ -127,20 +135,18 @@ def test_sigterm_saves_and_the_resumed_run_ends_like_an_uninterrupted_one(satrun
     assert command[:2] == ["satrun", "train"] and f"hydra.run.dir={tmp_path / 'run'}" in command
     resumed = satrun(*command[1:])  # the printed command, as given
     assert resumed.returncode == 0, resumed.stderr
-    full = satrun("train", *LONG, "hydra.run.dir=full")
-    assert full.returncode == 0, full.stderr
-    assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
-    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")  # one record per step, none twice
+    assert _final_eval(tmp_path / "run") == _final_eval(long_full)
+    assert _losses(tmp_path / "run") == _losses(long_full)  # one record per step, none twice
 
     again = satrun(*command[1:])  # the run has finished: nothing is retrained
     assert again.returncode == 0 and "already finished (60 steps); nothing to do" in again.stdout + again.stderr
-    assert _losses(tmp_path / "run") == _losses(tmp_path / "full")
+    assert _losses(tmp_path / "run") == _losses(long_full)
     longer = satrun("train", *LONG, "trainer.max_steps=80", "resume=run/checkpoints/step_" + str(stopped_at),
                     "hydra.run.dir=longer")
     assert longer.returncode == 2 and "trainer.max_steps=60 -> 80" in longer.stderr and "resume_allow_changes" in longer.stderr
 
 
-def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_path: Path) -> None:
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_path: Path, long_full: Path) -> None:
     args = [*LONG, "trainer.save_every=1", "trainer.keep_checkpoints=0"]
     proc = _start([*args, "hydra.run.dir=run"], tmp_path)
     folder = tmp_path / "run" / "checkpoints"
@@ -156,9 +162,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint_usable(satrun, tmp_p
     resumed = satrun("train", *args, "resume=auto", "trainer.save_every=0", "hydra.run.dir=run")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout + resumed.stderr
-    full = satrun("train", *LONG, "hydra.run.dir=full")
-    assert full.returncode == 0, full.stderr
-    assert _final_eval(tmp_path / "run") == _final_eval(tmp_path / "full")
+    assert _final_eval(tmp_path / "run") == _final_eval(long_full)
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step(satrun, tmp_path: Path) -> None:

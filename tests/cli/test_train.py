@@ -9,7 +9,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.cli.conftest import TINY, read_jsonl
+from tests.cli.conftest import TINY, read_jsonl, run_in_process
 
 TRAIN_FIELDS = {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "padded_tokens"}
 EVAL_FIELDS = {"kind", "step", "eval_loss", "eval_ppl"}
@@ -127,17 +127,9 @@ def test_help_lists_groups_and_options(satrun) -> None:
 
 def in_process(args: list[str], capsys: pytest.CaptureFixture, tmp_path: Path,
                monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """The CLI's main() in this process (no interpreter start-up): exit status, stdout, stderr."""
-    from satrun.cli.main import main
-
-    monkeypatch.chdir(tmp_path)
-    capsys.readouterr()
-    try:
-        code = main(args)
-    except SystemExit as exc:  # Hydra's --help ends with sys.exit(0)
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """:func:`run_in_process` as (exit status, stdout, stderr)."""
+    result = run_in_process(args, tmp_path, capsys)
+    return result.returncode, result.stdout, result.stderr
 
 
 @pytest.mark.parametrize("command, says", [("plan", "from the model's shape alone"), ("bench", "side by side"),

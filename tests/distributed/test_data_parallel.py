@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli.conftest import read_jsonl, run_satrun
+from tests.cli.conftest import read_jsonl, run_in_process, run_satrun
 
 RUN = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.eval_every=0", "trainer.eval_batches=1",
        "trainer.log_every=1"]
@@ -42,11 +42,12 @@ def torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One process, micro-batch 4: the global batch of two ranks with micro-batch 2."""
+    """One process, micro-batch 4: the global batch of two ranks with micro-batch 2 (in this
+    process: the tests only read these runs)."""
     root = tmp_path_factory.mktemp("single")
     for name, scheduler in SCHEDULERS.items():
-        result = run_satrun(["train", *RUN, *scheduler, "trainer.micro_batch_size=4", f"hydra.run.dir={name}"], root)
-        assert result.returncode == 0, result.stderr
+        result = run_in_process(["train", *RUN, *scheduler, "trainer.micro_batch_size=4", f"hydra.run.dir={name}"], root)
+        assert result.returncode == 0, name
     return {name: root / name for name in SCHEDULERS}
 
 
@@ -79,12 +80,9 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("ddp", "sat"), ("fsdp", "dense"), ("fsdp", "sat"),
-                                                ("ddp", "sft-sat"), ("ddp", "lora"), ("ddp", "backward"),
-                                                ("fsdp", "backward"), ("ddp", "sft-backward")])  # FSDP2 LoRA: below
-def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
-    result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
-                      tmp_path)
+def two_ranks_equal_one_process(result: subprocess.CompletedProcess, tmp_path: Path, reference: Path) -> Path:
+    """A two-rank run in its default run folder, chosen once for both ranks, trained as one
+    process did on the global batch; returns the folder."""
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1  # one run folder, chosen once for both ranks
@@ -92,7 +90,17 @@ def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path,
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["tokens_per_s_per_rank"] == pytest.approx(summary["tokens_per_s"] / 2)
-    assert_same_training(runs[0], single[scheduler])
+    assert_same_training(runs[0], reference)
+    return runs[0]
+
+
+@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("fsdp", "dense"), ("ddp", "sft-sat"), ("ddp", "lora"),
+                                                ("ddp", "backward"), ("fsdp", "backward"), ("ddp", "sft-backward")])
+def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
+    """(SAT under DDP and FSDP2: test_resume_continues_exactly's runs; FSDP2 LoRA: below.)"""
+    result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
+                      tmp_path)
+    two_ranks_equal_one_process(result, tmp_path, single[scheduler])
 
 
 @pytest.mark.parametrize("strategy", ["fsdp"])  # DDP's no_sync is counted in test_gradient_sync.py
@@ -119,23 +127,23 @@ def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_resume_continues_exactly(tmp_path: Path, strategy: str) -> None:
+def test_resume_continues_exactly(single, tmp_path: Path, strategy: str) -> None:
+    """SAT on two ranks trains as one process on the global batch, and resumes exactly."""
     args = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2", f"trainer.strategy={strategy}"]
-    full = torchrun([*args, "hydra.run.dir=full"], tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    resumed = torchrun([*args, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
+    full = two_ranks_equal_one_process(torchrun(args, tmp_path), tmp_path, single["sat"])
+    resumed = torchrun([*args, f"resume={full}/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"}
+    full_losses = {r["step"]: r["loss"] for r in read_jsonl(full / "metrics.jsonl") if r["kind"] == "train"}
     resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
     assert sorted(resumed_losses) == [3, 4] and all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
-    assert_same_weights(tmp_path / "resumed" / "final", tmp_path / "full" / "final")
-    step = tmp_path / "full" / "checkpoints" / "step_2"
+    assert_same_weights(tmp_path / "resumed" / "final", full / "final")
+    step = full / "checkpoints" / "step_2"
     if strategy == "fsdp":  # each rank wrote its own shards; no whole model anywhere
         assert sorted(p.name for p in (step / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
         assert not list(step.glob("*.safetensors"))
-        single = run_satrun(["train", *args, "resume=full/checkpoints/step_2", "hydra.run.dir=single"], tmp_path)
-        assert single.returncode == 2 and len(single.stderr.strip().splitlines()) == 1, single.stderr
-        assert "written by 2 FSDP2 ranks" in single.stderr
+        alone = run_satrun(["train", *args, f"resume={step}", "hydra.run.dir=alone"], tmp_path)
+        assert alone.returncode == 2 and len(alone.stderr.strip().splitlines()) == 1, alone.stderr
+        assert "written by 2 FSDP2 ranks" in alone.stderr
     else:  # DDP: the first rank's model folder
         from transformers import AutoModelForCausalLM
 

@@ -3,19 +3,11 @@ micro-batch: counted through DDP's communication hook and FSDP2's reduce, on two
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.gloo import on_two_ranks
 
 
 def _reductions(strategy: str, accum: int) -> int:
@@ -60,22 +52,14 @@ def _reductions(strategy: str, accum: int) -> int:
     return calls[0]
 
 
-def _rank(rank: int, port: int, strategy: str, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        out[rank] = (_reductions(strategy, 1), _reductions(strategy, 3))
-    finally:
-        dist.destroy_process_group()
+def _rank(rank: int, join, strategy: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    join()
+    return _reductions(strategy, 1), _reductions(strategy, 3)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_accumulated_micro_batches_reduce_gradients_once(strategy: str) -> None:
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(_free_port(), strategy, out), nprocs=2)
-        counts = dict(out)
+    counts = on_two_ranks(_rank, strategy)
     for one, three in counts.values():
         assert one > 0
         assert three == one  # not three times as many

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
+from tests.gloo import on_two_ranks
 from tests.sat.models import build
 
 
@@ -38,30 +35,15 @@ def _kept(rank: int, metric: str) -> tuple[list[tuple[list[int], list[int], list
     return [(k["channels"].tolist(), k["heads"].tolist(), k["fill"].tolist()) for k in kept], calls[0]
 
 
-def _rank(rank: int, port: int, metric: str, results: "mp.Queue") -> None:
+def _rank(rank: int, join, metric: str):  # type: ignore[no-untyped-def]
     alone = _kept(rank, metric)  # before joining: each rank would pick from its own tokens
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results.put((rank, (alone, _kept(rank, metric))))
-    finally:
-        dist.destroy_process_group()
+    join()
+    return alone, _kept(rank, metric)
 
 
 @pytest.mark.parametrize("metric", ["maxip", "contrib"])
 def test_ranks_select_the_same_heads_and_channels(metric: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, port, metric, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=120)[:2] for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = on_two_ranks(_rank, metric)
     ((alone_0, _), (together_0, calls_0)), ((alone_1, _), (together_1, calls_1)) = got[0], got[1]
     assert [k[:2] for k in alone_0] != [k[:2] for k in alone_1]  # the data differ enough to change the choice...
     for (*kept_0, fill_0), (*kept_1, fill_1) in zip(together_0, together_1):
