@@ -165,6 +165,21 @@ def test_non_llama_models_are_rejected() -> None:
         Sparsifier(model)
 
 
+def test_a_transformers_release_without_the_attention_functions_is_one_clear_error(monkeypatch) -> None:
+    """The sparse attention calls the model family's apply_rotary_pos_emb and
+    eager_attention_forward: looked up once when the layers are patched, named if missing."""
+    import sys
+
+    from satrun.sat import UnsupportedModel
+
+    model = build("llama-gqa")
+    modeling = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    monkeypatch.delattr(modeling, "apply_rotary_pos_emb")
+    with pytest.raises(UnsupportedModel, match=r"has no apply_rotary_pos_emb.*constraints.txt"):
+        Sparsifier(model)
+    assert not hasattr(model.model.layers[0].self_attn, "_sat")  # nothing patched
+
+
 def test_only_the_chosen_layers_are_sparsified() -> None:
     model = build("llama-gqa")
     sat = Sparsifier(model, layers=[1])

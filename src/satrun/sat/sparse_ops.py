@@ -173,11 +173,11 @@ class _TokenSplitSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-        saved = ctx.saved_tensors
-        paths = (saved[0:4], saved[4:8])
-        weights = (saved[8:11], saved[11:14])
-        idx, dense_rows, sparse_rows = saved[14:17]
-        if weights[0][0] is None:
+        (x_d, gate_d, act_d, up_d, x_s, gate_s, act_s, up_s, wg, wu, wd, wg_k, wu_k, wd_k, idx, dense_rows,
+         sparse_rows) = ctx.saved_tensors
+        paths = ((x_d, gate_d, act_d, up_d), (x_s, gate_s, act_s, up_s))
+        weights = ((wg, wu, wd), (wg_k, wu_k, wd_k))
+        if wg is None:  # regather: cast (and slice) the weights as they are now
             full = tuple(w.to(ctx.dtype) for w in ctx.params)
             weights = (full, _kept(*full, idx, ctx.dtype))
         w_gate, w_up, w_down = ctx.params

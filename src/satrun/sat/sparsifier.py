@@ -58,6 +58,7 @@ class _LayerSlot:
     owner: "Sparsifier"
     layer: int
     last: Any = None
+    internals: Any = None  # attention: the transformers functions of the model's family (_attention_internals)
 
 
 @dataclass
@@ -88,8 +89,7 @@ class Sparsifier:
         bad = [i for i in chosen if not 0 <= i < len(decoder)]
         if bad:
             raise ValueError(f"scheduler.layers: {bad} outside the model's {len(decoder)} layers")
-        for i in chosen:  # check every layer before patching any
-            _check_layer(decoder[i], i)
+        resolved = {i: _check_layer(decoder[i], i) for i in chosen}  # every layer checked before any is patched
         self.num_layers = len(decoder)
         self.mlp_rate = self.attn_rate = 0.0
         self._mlp_layer_rates: Optional[tuple[float, ...]] = None
@@ -97,12 +97,18 @@ class Sparsifier:
         self._clock = _Clock()  # time spent scoring and selecting, since creation
         self._generators: dict[torch.device, torch.Generator] = {}
         self._patched: list[torch.nn.Module] = []
-        self._adapted = any(_lora_of(getattr(decoder[i].mlp, name)) is not None for i in chosen
-                            for name in ("gate_proj", "up_proj", "down_proj"))
+        self._adapted = any(lora is not None for adapters, _ in resolved.values() for name, lora in adapters.items()
+                            if name.startswith("mlp."))
+        self._projections: list[torch.nn.Module] = []
         for i in chosen:
             layer = decoder[i]
+            adapters, internals = resolved[i]
+            for name, lora in adapters.items():  # resolved once: the forwards read it, they do not look it up
+                projection = layer.get_submodule(name)
+                projection._sat_lora = lora
+                self._projections.append(projection)
             for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, _attention_forward)):
-                module._sat = _LayerSlot(self, i)
+                module._sat = _LayerSlot(self, i, internals=internals if module is layer.self_attn else None)
                 module.forward = types.MethodType(forward, module)
                 self._patched.append(module)
 
@@ -215,7 +221,10 @@ class Sparsifier:
     def remove(self) -> None:
         for module in self._patched:
             del module.forward, module._sat
+        for projection in self._projections:
+            del projection._sat_lora
         self._patched.clear()
+        self._projections.clear()
 
 
 class _Clock:
@@ -270,7 +279,9 @@ SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
 SUPPORTED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 
 
-def _check_layer(layer: torch.nn.Module, index: int) -> None:
+def _check_layer(layer: torch.nn.Module, index: int) -> tuple[dict[str, Optional["_Lora"]], "_AttentionInternals"]:
+    """Refuse a layer the sparse path would not compute exactly; else its projections' LoRA
+    adapters (None: a plain projection) and its attention's transformers functions."""
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if type(attn).__name__ not in SUPPORTED_ATTENTION or type(mlp).__name__ not in SUPPORTED_MLP:
         raise UnsupportedModel(
@@ -281,10 +292,31 @@ def _check_layer(layer: torch.nn.Module, index: int) -> None:
     is_silu = torch.allclose(mlp.act_fn(probe), torch.nn.functional.silu(probe))
     if not is_silu or _base(mlp.gate_proj).bias is not None:
         raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        _lora_of(getattr(attn, name), f"layer {index} self_attn.{name}")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        _lora_of(getattr(mlp, name), f"layer {index} mlp.{name}")
+    adapters = {f"{part}.{name}": _resolve_lora(layer.get_submodule(f"{part}.{name}"), f"layer {index} {part}.{name}")
+                for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                    ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
+    return adapters, _attention_internals(attn)
+
+
+@dataclass(frozen=True)
+class _AttentionInternals:
+    """The functions of the model family's transformers module that the sparse attention calls."""
+
+    apply_rotary_pos_emb: Any
+    eager_attention_forward: Any
+
+
+def _attention_internals(attn: torch.nn.Module) -> _AttentionInternals:
+    """Looked up once, where the attention class is defined (each family has its own copies);
+    a transformers release that moves them is one clear error rather than a failure mid-step."""
+    import transformers
+
+    module = sys.modules[type(attn).__module__]
+    missing = [name for name in ("apply_rotary_pos_emb", "eager_attention_forward") if not hasattr(module, name)]
+    if missing:
+        raise UnsupportedModel(f"{module.__name__} (transformers {transformers.__version__}) has no {', '.join(missing)}, "
+                               "which the sparse attention calls; use the transformers release in constraints.txt")
+    return _AttentionInternals(module.apply_rotary_pos_emb, module.eager_attention_forward)
 
 
 # --- LoRA adapters (peft) on the projections ----------------------------------------------------
@@ -295,10 +327,27 @@ def _base(linear: torch.nn.Module) -> torch.nn.Module:
     return getattr(linear, "base_layer", linear)
 
 
-def _lora_of(linear: torch.nn.Module, where: str = "") -> Optional[tuple[torch.Tensor, torch.Tensor, float, Any]]:
-    """(A, B, scaling, dropout) of a peft LoRA projection, or None for a plain one. An adapter
-    layout the sparse path does not compute exactly (several active adapters, merged weights,
-    DoRA, adapter biases, other adapter kinds) is an error, not a silent fallback."""
+@dataclass(frozen=True)
+class _Lora:
+    """A projection's LoRA adapter as resolved when its layer is patched: the A and B modules
+    (their weights are read at each use: FSDP2 replaces parameters when it wraps the model)."""
+
+    a: torch.nn.Module
+    b: torch.nn.Module
+    scale: float
+    dropout: torch.nn.Module
+
+
+def _lora_of(linear: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, float, Any]]:
+    """(A, B, scaling, dropout) of a patched layer's LoRA projection, or None for a plain one."""
+    lora = getattr(linear, "_sat_lora", None)
+    return None if lora is None else (lora.a.weight, lora.b.weight, lora.scale, lora.dropout)
+
+
+def _resolve_lora(linear: torch.nn.Module, where: str) -> Optional[_Lora]:
+    """A peft LoRA projection's adapter, or None for a plain one. An adapter layout the sparse
+    path does not compute exactly (several active adapters, merged weights, DoRA, adapter
+    biases, other adapter kinds) is an error, not a silent fallback."""
     if not hasattr(linear, "base_layer"):
         return None
     active = list(getattr(linear, "active_adapters", []))
@@ -309,7 +358,7 @@ def _lora_of(linear: torch.nn.Module, where: str = "") -> Optional[tuple[torch.T
     if linear.merged or linear.use_dora.get(name) or (getattr(linear, "lora_bias", {}) or {}).get(name) \
             or linear.lora_B[name].bias is not None:
         raise UnsupportedModel(f"{where}: SAT computes plain LoRA adapters (not merged, no DoRA, no adapter bias)")
-    return linear.lora_A[name].weight, linear.lora_B[name].weight, float(linear.scaling[name]), linear.lora_dropout[name]
+    return _Lora(linear.lora_A[name], linear.lora_B[name], float(linear.scaling[name]), linear.lora_dropout[name])
 
 
 def _sparse_linear(linear: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, regather: bool) -> torch.Tensor:
@@ -534,10 +583,10 @@ def _attention_forward(
     q, k, v = (_project(proj, hidden_states, rows, owner.regather) for proj, rows in
                ((self.q_proj, q_rows), (self.k_proj, kv_rows), (self.v_proj, kv_rows)))
     q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
-    modeling = sys.modules[type(self).__module__]
+    internals: _AttentionInternals = self._sat.internals
     cos, sin = position_embeddings
-    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, modeling.eager_attention_forward)
+    q, k = internals.apply_rotary_pos_emb(q, k, cos, sin)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, internals.eager_attention_forward)
     view = types.SimpleNamespace(  # the module as the attention kernel sees it: fewer heads
         num_key_value_groups=per_kv, is_causal=True, training=True, config=self.config,
         layer_idx=getattr(self, "layer_idx", None), head_dim=d, scaling=self.scaling,
