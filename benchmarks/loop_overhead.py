@@ -25,7 +25,8 @@ from satrun.data import BatchStream, build_corpus, label_tokens
 from satrun.models import load_model, load_tokenizer
 from satrun.training.display import LogDisplay
 from satrun.training.optim import build_optimizer
-from satrun.training.trainer import RunIO, train
+from satrun.training.run import RunIO
+from satrun.training.trainer import train
 
 
 def plain_loop(model: torch.nn.Module, stream: BatchStream, steps: int, optim: OptimConfig) -> float:

@@ -22,7 +22,8 @@ def test_only_the_adapters_train_and_the_base_stays_bit_identical(tmp_path: Path
     from satrun.models.adapters import add_adapters
     from satrun.training.display import LogDisplay
     from satrun.training.optim import build_optimizer
-    from satrun.training.trainer import RunIO, train
+    from satrun.training.run import RunIO
+    from satrun.training.trainer import train
 
     torch.manual_seed(0)
     base = load_model(ModelConfig(name="tiny", source="random"), tokenizer)

@@ -12,7 +12,7 @@ import torch
 from satrun.config import AdapterConfig
 from satrun.models.adapters import add_adapters
 from satrun.sat.settings import MetricConfig, SelectorConfig
-from satrun.sat.sparsifier import Sparsifier, UnsupportedModel
+from satrun.sat import Sparsifier, UnsupportedModel
 from tests.sat.models import build
 from tests.sat.test_exactness import assert_close, batch, loss_and_grads, masked_reference
 

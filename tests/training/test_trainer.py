@@ -11,7 +11,8 @@ from satrun.config import DataConfig, ModelConfig, OptimConfig, TrainerConfig
 from satrun.data import build_corpus
 from satrun.models import load_model, load_tokenizer
 from satrun.training.display import LogDisplay
-from satrun.training.trainer import RunIO, StartState, StepHooks, stage_summary, train
+from satrun.training.run import RunIO, stage_summary
+from satrun.training.trainer import StartState, StepHooks, train
 
 
 def test_loss_decreases_on_a_learnable_task(tmp_path: Path) -> None:

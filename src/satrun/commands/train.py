@@ -25,7 +25,8 @@ from satrun.training.loggers import Fanout, build_loggers
 from satrun.training.metrics import write_summary
 from satrun.training.saving import remove_stale, write_hf_folder
 from satrun.sparsity import StepFlopCounter, add_summary_fields, build_sparsity, describe_sparsity, token_rows_hooks
-from satrun.training.trainer import EveryNSteps, RunIO, StartState, StepHooks, train
+from satrun.training.run import EveryNSteps, RunIO
+from satrun.training.trainer import StartState, StepHooks, train
 
 
 def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:

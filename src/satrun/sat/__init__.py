@@ -9,7 +9,8 @@ training loop). Nothing here knows about Hydra or satrun's trainer.
 from satrun.sat.schedule import ScheduleError, Stage, build_stages, stage_at
 from satrun.sat.scheduled import ScheduledSparsity
 from satrun.sat.settings import MetricConfig, SchedulerConfig, SelectorConfig
-from satrun.sat.sparsifier import Sparsifier, UnsupportedModel
+from satrun.sat.layers import UnsupportedModel
+from satrun.sat.sparsifier import Sparsifier
 
 __all__ = [
     "MetricConfig", "SchedulerConfig", "SelectorConfig", "ScheduleError", "ScheduledSparsity", "Sparsifier",

@@ -323,3 +323,8 @@ def exact_forward_swiglu(
     restricted to the channels ``choose`` keeps for ``sparse_rows`` (both row sets None: every
     row sparse; ``choose=None``: no channel, so those rows' MLP branch passes no gradient)."""
     return _ExactForwardSwiGLU.apply(x, w_gate, w_up, w_down, dense_rows, sparse_rows, choose, regather)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass, i.e. during activation-checkpoint recompute."""
+    return torch._C._current_graph_task_id() != -1

@@ -26,7 +26,6 @@ activations of that forward, and runs those rows' backward on the kept channels 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import types
 from dataclasses import dataclass, field
@@ -35,20 +34,12 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from satrun.sat import importance, selection
+from satrun.sat.attention import attention_forward
+from satrun.sat.layers import check_layer, decoder_layers, lora_of, sparse_linear
 from satrun.sat.settings import FILLS, NORMALIZE, OMIT, SELECTORS, SPARSE_TOKENS, MetricConfig, SelectorConfig
-from satrun.sat.sparse_ops import exact_forward_swiglu, gathered_linear, sparse_swiglu, token_split_swiglu
-
-
-class UnsupportedModel(ValueError):
-    """The model's layers are not of the Llama family (Llama, Mistral, Qwen2, ...)."""
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass, i.e. during activation-checkpoint recompute."""
-    return torch._C._current_graph_task_id() != -1
+from satrun.sat.sparse_ops import exact_forward_swiglu, in_backward, sparse_swiglu, token_split_swiglu
 
 
 @dataclass
@@ -58,7 +49,7 @@ class _LayerSlot:
     owner: "Sparsifier"
     layer: int
     last: Any = None
-    internals: Any = None  # attention: the transformers functions of the model's family (_attention_internals)
+    internals: Any = None  # attention: the transformers functions of the model's family (attention_internals)
 
 
 @dataclass
@@ -84,12 +75,12 @@ class Sparsifier:
                                     ("selector.normalize", self.selector.normalize, NORMALIZE)):
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
-        decoder = _decoder_layers(self.model)
+        decoder = decoder_layers(self.model)
         chosen = range(len(decoder)) if self.layers is None else sorted(set(self.layers))
         bad = [i for i in chosen if not 0 <= i < len(decoder)]
         if bad:
             raise ValueError(f"scheduler.layers: {bad} outside the model's {len(decoder)} layers")
-        resolved = {i: _check_layer(decoder[i], i) for i in chosen}  # every layer checked before any is patched
+        resolved = {i: check_layer(decoder[i], i) for i in chosen}  # every layer checked before any is patched
         self.num_layers = len(decoder)
         self.mlp_rate = self.attn_rate = 0.0
         self._mlp_layer_rates: Optional[tuple[float, ...]] = None
@@ -107,7 +98,7 @@ class Sparsifier:
                 projection = layer.get_submodule(name)
                 projection._sat_lora = lora
                 self._projections.append(projection)
-            for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, _attention_forward)):
+            for module, forward in ((layer.mlp, _mlp_forward), (layer.self_attn, attention_forward)):
                 module._sat = _LayerSlot(self, i, internals=internals if module is layer.self_attn else None)
                 module.forward = types.MethodType(forward, module)
                 self._patched.append(module)
@@ -263,121 +254,6 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    if hasattr(model, "get_base_model"):  # a peft model: the transformers model it adapts
-        model = model.get_base_model()
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise UnsupportedModel(f"{type(model).__name__}: no decoder layers at model.layers")
-    return layers
-
-
-# Attention and MLP classes whose forward the sparse path reproduces exactly. Others (q/k norms,
-# logit soft-capping, QKV clipping, other activations) would silently compute something else.
-SUPPORTED_ATTENTION = {"LlamaAttention", "MistralAttention", "Qwen2Attention"}
-SUPPORTED_MLP = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
-
-
-def _check_layer(layer: torch.nn.Module, index: int) -> tuple[dict[str, Optional["_Lora"]], "_AttentionInternals"]:
-    """Refuse a layer the sparse path would not compute exactly; else its projections' LoRA
-    adapters (None: a plain projection) and its attention's transformers functions."""
-    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-    if type(attn).__name__ not in SUPPORTED_ATTENTION or type(mlp).__name__ not in SUPPORTED_MLP:
-        raise UnsupportedModel(
-            f"layer {index}: {type(attn).__name__}/{type(mlp).__name__} is not supported "
-            f"(supported: {', '.join(sorted(SUPPORTED_ATTENTION))} with their MLPs)"
-        )
-    probe = torch.linspace(-4, 4, 17)
-    is_silu = torch.allclose(mlp.act_fn(probe), torch.nn.functional.silu(probe))
-    if not is_silu or _base(mlp.gate_proj).bias is not None:
-        raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
-    adapters = {f"{part}.{name}": _resolve_lora(layer.get_submodule(f"{part}.{name}"), f"layer {index} {part}.{name}")
-                for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                    ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names}
-    return adapters, _attention_internals(attn)
-
-
-@dataclass(frozen=True)
-class _AttentionInternals:
-    """The functions of the model family's transformers module that the sparse attention calls."""
-
-    apply_rotary_pos_emb: Any
-    eager_attention_forward: Any
-
-
-def _attention_internals(attn: torch.nn.Module) -> _AttentionInternals:
-    """Looked up once, where the attention class is defined (each family has its own copies);
-    a transformers release that moves them is one clear error rather than a failure mid-step."""
-    import transformers
-
-    module = sys.modules[type(attn).__module__]
-    missing = [name for name in ("apply_rotary_pos_emb", "eager_attention_forward") if not hasattr(module, name)]
-    if missing:
-        raise UnsupportedModel(f"{module.__name__} (transformers {transformers.__version__}) has no {', '.join(missing)}, "
-                               "which the sparse attention calls; use the transformers release in constraints.txt")
-    return _AttentionInternals(module.apply_rotary_pos_emb, module.eager_attention_forward)
-
-
-# --- LoRA adapters (peft) on the projections ----------------------------------------------------
-
-
-def _base(linear: torch.nn.Module) -> torch.nn.Module:
-    """The projection's own linear layer: itself, or the base layer a peft adapter wraps."""
-    return getattr(linear, "base_layer", linear)
-
-
-@dataclass(frozen=True)
-class _Lora:
-    """A projection's LoRA adapter as resolved when its layer is patched: the A and B modules
-    (their weights are read at each use: FSDP2 replaces parameters when it wraps the model)."""
-
-    a: torch.nn.Module
-    b: torch.nn.Module
-    scale: float
-    dropout: torch.nn.Module
-
-
-def _lora_of(linear: torch.nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, float, Any]]:
-    """(A, B, scaling, dropout) of a patched layer's LoRA projection, or None for a plain one."""
-    lora = getattr(linear, "_sat_lora", None)
-    return None if lora is None else (lora.a.weight, lora.b.weight, lora.scale, lora.dropout)
-
-
-def _resolve_lora(linear: torch.nn.Module, where: str) -> Optional[_Lora]:
-    """A peft LoRA projection's adapter, or None for a plain one. An adapter layout the sparse
-    path does not compute exactly (several active adapters, merged weights, DoRA, adapter
-    biases, other adapter kinds) is an error, not a silent fallback."""
-    if not hasattr(linear, "base_layer"):
-        return None
-    active = list(getattr(linear, "active_adapters", []))
-    if not hasattr(linear, "lora_A") or len(active) != 1 or active[0] not in linear.lora_A:
-        raise UnsupportedModel(f"{where}: SAT computes one active LoRA adapter per projection ({type(linear).__name__}, "
-                               f"active {active})")
-    name = active[0]
-    if linear.merged or linear.use_dora.get(name) or (getattr(linear, "lora_bias", {}) or {}).get(name) \
-            or linear.lora_B[name].bias is not None:
-        raise UnsupportedModel(f"{where}: SAT computes plain LoRA adapters (not merged, no DoRA, no adapter bias)")
-    return _Lora(linear.lora_A[name], linear.lora_B[name], float(linear.scaling[name]), linear.lora_dropout[name])
-
-
-def _sparse_linear(linear: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, dim: int, regather: bool) -> torch.Tensor:
-    """The projection restricted to output rows ``idx`` (dim 0) or to input columns ``idx`` (dim
-    1, ``x`` holding only those features), its LoRA branch restricted alike: the kept rows of B,
-    or the kept columns of A. The base weight's slice gets no gradient when it is frozen."""
-    base = _base(linear)
-    y = gathered_linear(x, base.weight, base.bias, idx, dim, regather)
-    lora = _lora_of(linear)
-    if lora is None:
-        return y
-    a, b, scale, dropout = lora
-    if dim == 0:
-        branch = F.linear(F.linear(dropout(x), a), b.index_select(0, idx))
-    else:
-        branch = F.linear(F.linear(dropout(x), a.index_select(1, idx)), b)
-    return y + scale * branch.to(y.dtype)
-
-
 # --- patched forwards: ``self`` is the model's own MLP / attention module ----------------------
 
 
@@ -389,7 +265,7 @@ def _mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     kept, fill_out, rows = selected
     owner = self._sat.owner
-    if any(_lora_of(p) is not None for p in (self.gate_proj, self.up_proj, self.down_proj)):
+    if any(lora_of(p) is not None for p in (self.gate_proj, self.up_proj, self.down_proj)):
         return _adapted_mlp(self, x, kept, fill_out, rows)
     weights = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
     if rows is None:
@@ -408,8 +284,8 @@ def _adapted_mlp(self: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor, fil
     regather = self._sat.owner.regather
 
     def sparse(xs: torch.Tensor) -> torch.Tensor:
-        hidden = F.silu(_sparse_linear(self.gate_proj, xs, kept, 0, regather)) * _sparse_linear(self.up_proj, xs, kept, 0, regather)
-        out = _sparse_linear(self.down_proj, hidden, kept, 1, regather)
+        hidden = F.silu(sparse_linear(self.gate_proj, xs, kept, 0, regather)) * sparse_linear(self.up_proj, xs, kept, 0, regather)
+        out = sparse_linear(self.down_proj, hidden, kept, 1, regather)
         return out if fill_out is None else out + fill_out.to(out.dtype)
 
     if rows is None:
@@ -437,7 +313,7 @@ def _mlp_selection(self: torch.nn.Module, x: torch.Tensor) -> Optional[tuple]:
     rate = owner.mlp_rate_of(slot.layer)
     if not self.training or rate == 0.0:
         return None
-    if not _in_backward() or slot.last is None:
+    if not in_backward() or slot.last is None:
         with torch.no_grad(), owner._clock.measure(x.device):
             flat = x.detach().reshape(-1, x.shape[-1])
             rows = owner.token_rows(flat.shape[0])
@@ -453,7 +329,7 @@ def _mlp_selection(self: torch.nn.Module, x: torch.Tensor) -> Optional[tuple]:
                 scores = owner.agree(scores)
             k = selection.kept_count(scores.numel(), rate, owner.selector.align_on(x.device.type))
             kept = owner.choose(scores[None], k, x.device)[0]
-            slot.last = (kept, _omitted_mean_output(mean, w_down, kept, _lora_of(self.down_proj)) if fill else None, rows)
+            slot.last = (kept, _omitted_mean_output(mean, w_down, kept, lora_of(self.down_proj)) if fill else None, rows)
     return slot.last
 
 
@@ -474,7 +350,7 @@ def _exact_forward_mlp(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     w_gate, w_up, w_down = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
 
     def choose(xs: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        if _in_backward() and slot.last is not None:  # activation checkpointing's recompute
+        if in_backward() and slot.last is not None:  # activation checkpointing's recompute
             return slot.last[0]
         with torch.no_grad(), owner._clock.measure(x.device):
             scores = owner.agree(importance.channel_scores(owner.metric.name, xs, w_gate, w_up, w_down, 1,
@@ -510,91 +386,3 @@ def _omitted_mean_output(mean: torch.Tensor, w_down: torch.Tensor, kept: torch.T
         return out
 
 
-def _select_heads(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
-    """(kept query heads, KV heads to compute or None for all, kept query heads per KV head).
-
-    Under multi-head attention query heads are chosen freely and only the kept heads' keys and
-    values are computed. Under grouped-query attention the same number of query heads is chosen
-    in every KV group (:func:`selection.kept_heads`), all KV heads are computed by the module's
-    own projections (they are few, and a data-dependent subset would force a device sync), and
-    the kernel attends grouped (SDPA's ``enable_gqa``, as in the dense path) with no copy of K
-    and V per kept query head.
-    """
-    owner: Sparsifier = module._sat.owner
-    d = module.head_dim
-    n_q, n_kv = module.q_proj.weight.shape[0] // d, module.k_proj.weight.shape[0] // d
-    flat = x.detach().reshape(-1, x.shape[-1])
-    scores = importance.head_scores(
-        owner.metric.name, flat, module.q_proj.weight, module.k_proj.weight, module.v_proj.weight, module.o_proj.weight, d,
-        owner.metric.token_stride, owner.generator(x.device),
-    )
-    scores = owner.agree(scores)
-    if n_q == n_kv:
-        heads = owner.choose(scores[None], selection.kept_heads(n_q, n_kv, owner.attn_rate), x.device)[0]
-        return heads, heads, 1
-    group = n_q // n_kv
-    per_group = selection.kept_heads(n_q, n_kv, owner.attn_rate) // n_kv
-    chosen = owner.choose(scores.view(n_kv, group), per_group, x.device)  # sorted within each group
-    heads = (chosen + group * torch.arange(n_kv, device=chosen.device)[:, None]).flatten()
-    return heads, None, per_group
-
-
-def _rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
-
-
-def _project(linear: torch.nn.Linear, x: torch.Tensor, rows: Optional[torch.Tensor], regather: bool) -> torch.Tensor:
-    """The projection's output rows ``rows``, or all of them (None, through the module itself)."""
-    return linear(x) if rows is None else _sparse_linear(linear, x, rows, 0, regather)
-
-
-@torch.compiler.disable
-def _attention_selection(self: torch.nn.Module, hidden_states: torch.Tensor) -> Optional[tuple]:
-    """(kept heads, their q rows, KV rows or None, kept heads per KV head) for this forward, or
-    None where the attention computes densely; outside torch.compile's graphs, as
-    :func:`_mlp_selection`."""
-    slot: _LayerSlot = self._sat
-    owner = slot.owner
-    if not self.training or owner.attn_rate == 0.0:
-        return None
-    if not _in_backward() or slot.last is None:
-        with torch.no_grad(), owner._clock.measure(hidden_states.device):
-            q_heads, kv_heads, per_kv = _select_heads(self, hidden_states)
-            kv_rows = None if kv_heads is None else _rows(kv_heads, self.head_dim)
-            slot.last = (q_heads, _rows(q_heads, self.head_dim), kv_rows, per_kv)
-    return slot.last
-
-
-def _attention_forward(
-    self: torch.nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    selected = _attention_selection(self, hidden_states)
-    if selected is None:
-        return type(self).forward(self, hidden_states, position_embeddings, attention_mask, **kwargs)
-    kwargs.pop("cache", None), kwargs.pop("past_key_values", None)  # training: no KV cache is kept
-    _, q_rows, kv_rows, per_kv = selected
-    owner = self._sat.owner
-    batch, length, _ = hidden_states.shape
-    d = self.head_dim
-    q, k, v = (_project(proj, hidden_states, rows, owner.regather) for proj, rows in
-               ((self.q_proj, q_rows), (self.k_proj, kv_rows), (self.v_proj, kv_rows)))
-    q, k, v = (t.view(batch, length, -1, d).transpose(1, 2) for t in (q, k, v))
-    internals: _AttentionInternals = self._sat.internals
-    cos, sin = position_embeddings
-    q, k = internals.apply_rotary_pos_emb(q, k, cos, sin)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, internals.eager_attention_forward)
-    view = types.SimpleNamespace(  # the module as the attention kernel sees it: fewer heads
-        num_key_value_groups=per_kv, is_causal=True, training=True, config=self.config,
-        layer_idx=getattr(self, "layer_idx", None), head_dim=d, scaling=self.scaling,
-    )
-    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-    extra = {"sliding_window": window} if window else {}
-    out, weights = attend(
-        view, q, k, v, attention_mask, dropout=self.attention_dropout, scaling=self.scaling, **extra, **kwargs
-    )
-    out = out.reshape(batch, length, -1).contiguous()
-    return _sparse_linear(self.o_proj, out, q_rows, 1, owner.regather), weights
