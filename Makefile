@@ -14,7 +14,7 @@ CONSTRAINTS ?= $(if $(filter 0,$(LOCK)),,constraints.txt)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.satrun-installed
 
-.PHONY: install run test clean
+.PHONY: install run test test-fast clean
 
 install: $(STAMP)
 
@@ -30,6 +30,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# For development: the suite without the tests marked slow (several processes, compilation,
+# the pre-trained model); CI runs `make test`, all of them.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -6,6 +6,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # every check of the GPU script, on the CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -16,6 +16,8 @@ import torch
 
 from tests.cli.conftest import read_jsonl, run_in_process, run_satrun
 
+pytestmark = pytest.mark.slow  # ranks in subprocesses (torchrun)
+
 RUN = ["model=tiny", "trainer.seq_len=64", "trainer.max_steps=4", "trainer.eval_every=0", "trainer.eval_batches=1",
        "trainer.log_every=1"]
 SCHEDULERS = {"dense": ["scheduler=dense"],
@@ -153,8 +155,8 @@ def test_resume_continues_exactly(single, tmp_path: Path, strategy: str) -> None
 def test_fsdp_reads_pretrained_weights_shard_by_shard(single, tmp_path: Path) -> None:
     """Each rank builds the model on the meta device and reads only its rows of the weights."""
     pretrained = ["model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "trainer.max_steps=2"]
-    one = run_satrun(["train", *RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=4", "hydra.run.dir=one"],
-                     tmp_path)
+    one = run_in_process(["train", *RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=4", "hydra.run.dir=one"],
+                         tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([*RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=2", "trainer.strategy=fsdp",
                     "hydra.run.dir=two"], tmp_path)
@@ -170,7 +172,7 @@ def test_fsdp_lora_on_pretrained_weights_with_sat_equals_one_process_and_resumes
     # summed as squares over ranks in another order than one process sums them, can flip a near-tie)
     args = [*RUN, "model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "adapter=lora", "adapter.r=4",
             "optim.lr=1e-2", *SCHEDULERS["sat"], "metric=random"]
-    one = run_satrun(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
+    one = run_in_process(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     sharded = [*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "trainer.save_every=2"]
     full = torchrun([*sharded, "hydra.run.dir=full"], tmp_path)
@@ -227,7 +229,7 @@ def test_launcher_torchrun_ranks_save_and_exit_on_a_signal(tmp_path: Path, how: 
 def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_masters(tmp_path: Path) -> None:
     """FSDP2's MixedPrecisionPolicy: bf16 compute close to one bf16-autocast process, weights fp32."""
     args = [*RUN, "scheduler=dense", "trainer.precision=bf16", "trainer.max_steps=2"]
-    one = run_satrun(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
+    one = run_in_process(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "hydra.run.dir=two"], tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -9,6 +9,8 @@ import torch.distributed as dist
 
 from tests.gloo import on_two_ranks
 
+pytestmark = pytest.mark.slow  # two spawned ranks
+
 
 def _reductions(strategy: str, accum: int) -> int:
     """Gradient reductions of one training step of ``accum`` micro-batches."""

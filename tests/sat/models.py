@@ -27,3 +27,26 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
     return model.train()
+
+
+def assert_bf16_close_to_reference(model: torch.nn.Module, reference: torch.nn.Module, hooks, **inputs) -> None:  # type: ignore[no-untyped-def]
+    """Under CPU bf16 autocast, the sparse ``model``'s loss and fp32 gradients against the dense
+    ``reference`` with ``hooks()`` (masks that reproduce the model's last selection, installed
+    after the model's forward and removed after the reference's): the loss within 1%, each
+    gradient within 5% of its norm, and no gradient where the reference has none (frozen)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**inputs).loss
+    loss.backward()
+    handles = hooks()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss = reference(**inputs).loss
+    ref_loss.backward()
+    for h in handles:
+        h.remove()
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        if ref.grad is None:
+            assert p.grad is None, name
+            continue
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+        assert (p.grad - ref.grad).norm() <= 0.05 * ref.grad.norm() + 1e-6, name

@@ -11,6 +11,8 @@ from satrun.sat.sparsifier import Sparsifier
 from tests.gloo import on_two_ranks
 from tests.sat.models import build
 
+pytestmark = pytest.mark.slow  # two spawned ranks
+
 
 def _kept(rank: int, metric: str) -> tuple[list[tuple[list[int], list[int], list[float]]], int]:
     """Each layer's kept channels and heads and its mean fill, and the collectives of the forward."""

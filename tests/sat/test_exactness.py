@@ -11,7 +11,7 @@ from satrun.training.runtime import enable_activation_checkpointing
 from satrun.sat.selection import kept_heads
 from satrun.sat.settings import MetricConfig, SelectorConfig
 from satrun.sat.sparsifier import Sparsifier
-from tests.sat.models import ARCHITECTURES, build
+from tests.sat.models import ARCHITECTURES, assert_bf16_close_to_reference, build
 
 TOL = 1e-5
 
@@ -235,21 +235,8 @@ def test_bf16_autocast_on_cpu_matches_the_masked_reference_closely() -> None:
     ids, labels = batch()
     sat = Sparsifier(model, seed=0)
     sat.set_rates(0.5, 0.5, step=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    handles = masked_reference(reference, {i: sat.last_selection(i) for i in range(2)})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_loss = reference(input_ids=ids, labels=labels).loss
-    ref_loss.backward()
-    for h in handles:
-        h.remove()
-    assert abs(loss.item() - ref_loss.item()) < 1e-2 * ref_loss.item()
-    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-        if ref.grad is None:
-            continue
-        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-        assert (p.grad - ref.grad).norm() <= 0.05 * ref.grad.norm() + 1e-6, name
+    assert_bf16_close_to_reference(model, reference, lambda: masked_reference(reference, {i: sat.last_selection(i) for i in range(2)}),
+                                   input_ids=ids, labels=labels)
 
 
 def test_frozen_weights_get_no_gradient() -> None:
