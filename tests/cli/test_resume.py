@@ -27,17 +27,31 @@ def _final_eval(run: Path) -> float:
     return json.loads((run / "summary.json").read_text())["eval_loss"]
 
 
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """``short_run(scheduler)``: the uninterrupted SHORT run of that scheduler, trained once for
+    the module (tests read it, or copy it before damaging it)."""
+    root, made = tmp_path_factory.mktemp("short"), {}
+
+    def run(scheduler: str) -> Path:
+        if scheduler not in made:
+            assert run_in_process(["train", *SHORT, f"scheduler={scheduler}", f"hydra.run.dir={scheduler}"], root).returncode == 0
+            made[scheduler] = root / scheduler
+        return made[scheduler]
+
+    return run
+
+
 @pytest.mark.parametrize("scheduler", ["dense", "ladder"])
-def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: Path, scheduler: str) -> None:
-    full = satrun("train", *SHORT, f"scheduler={scheduler}", "hydra.run.dir=full")
-    assert full.returncode == 0, full.stderr
-    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir()) == ["step_10", "step_12", "step_5"]
-    resumed = satrun("train", *SHORT, f"scheduler={scheduler}", "resume=full/checkpoints/step_5", "hydra.run.dir=resumed")
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(satrun, tmp_path: Path, short_run, scheduler: str) -> None:
+    full = short_run(scheduler)
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_10", "step_12", "step_5"]
+    resumed = satrun("train", *SHORT, f"scheduler={scheduler}", f"resume={full}/checkpoints/step_5", "hydra.run.dir=resumed")
     assert resumed.returncode == 0, resumed.stderr
-    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
+    full_losses, resumed_losses = _losses(full), _losses(tmp_path / "resumed")
     assert sorted(resumed_losses) == list(range(6, 13))  # from the step after the checkpoint, no replay
     assert all(resumed_losses[s] == full_losses[s] for s in resumed_losses)  # bit for bit
-    assert _final_eval(tmp_path / "resumed") == _final_eval(tmp_path / "full")
+    assert _final_eval(tmp_path / "resumed") == _final_eval(full)
     if scheduler == "ladder":  # the resumed part crossed from the sparse stage into the ladder
         stages = {r["stage"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
         assert {"sparse", "dense"} <= stages and len(stages) >= 4
@@ -59,9 +73,10 @@ def test_packed_sft_with_token_aware_sat_resumes_bit_exactly(satrun, tmp_path: P
     assert _final_eval(tmp_path / "resumed") == _final_eval(tmp_path / "full")
 
 
-def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(satrun, tmp_path: Path) -> None:
-    full = satrun("train", *SHORT, "scheduler=dense", "hydra.run.dir=run")
-    assert full.returncode == 0, full.stderr
+def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(satrun, tmp_path: Path, short_run) -> None:
+    import shutil
+
+    shutil.copytree(short_run("dense"), tmp_path / "run")  # a copy: this test damages it
     steps = tmp_path / "run" / "checkpoints"
     assert json.loads((steps / "step_12" / "manifest.json").read_text())["files"]["training_state.pt"] > 0
     weights = steps / "step_12" / "model.safetensors"
@@ -70,8 +85,6 @@ def test_damaged_checkpoints_are_told_apart_and_auto_takes_the_newest_intact(sat
     errors = [line for line in named.stderr.splitlines() if line.strip()]
     assert named.returncode == 2 and len(errors) == 1, named.stderr
     assert "step_12 is damaged: model.safetensors has 1000 bytes of the" in errors[0]
-    import shutil
-
     shutil.rmtree(tmp_path / "run" / "final")  # as if killed before the end
     (tmp_path / "run" / "summary.json").unlink()
     auto = satrun("train", *SHORT, "scheduler=dense", "resume=auto", "hydra.run.dir=run")
