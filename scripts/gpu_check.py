@@ -313,8 +313,9 @@ def _satrun(args: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
             code = satrun_main(args)
-        except Exception as exc:  # a bug's traceback: one line of it in the row
-            code, _ = 1, err.write(f"{type(exc).__name__}: {exc}\n")
+        except Exception as exc:  # a bug: its one line in the row
+            err.write(f"{type(exc).__name__}: {exc}\n")
+            code = 1
     return code, err.getvalue()
 
 

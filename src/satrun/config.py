@@ -245,10 +245,9 @@ def _unknown_keys(raw: Any, cls: type, prefix: str = "") -> list[str]:
     """The dotted keys of ``raw`` (a nested dict) that the dataclass ``cls`` does not define."""
     if not isinstance(raw, dict):
         return []
-    fields, found = {f.name: f.type for f in dataclasses.fields(cls)}, []
-    hints = typing.get_type_hints(cls)
+    hints, found = typing.get_type_hints(cls), []
     for key, value in raw.items():
-        if key not in fields:
+        if key not in hints:
             found.append(f"{prefix}{key}")
         elif dataclasses.is_dataclass(hints[key]):
             found += _unknown_keys(value, hints[key], f"{prefix}{key}.")

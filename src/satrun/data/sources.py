@@ -63,7 +63,8 @@ def read_records(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, RecordCo
     if cfg.max_examples is not None:
         ds = ds.select(range(min(cfg.max_examples, len(ds))))
     if len(ds) == 0:
-        why = f"; all {skipped} records were unusable (data.skip_invalid=true)" if skipped else ""
+        why = (f"; all {skipped} records were unusable (data.skip_invalid=true)" if skipped else
+               ": blank lines only" if cfg.format == "text" else "")
         raise UsageError(f"data={cfg.name} is empty{f' ({cfg.path})' if cfg.path else ''}{why}")
     return ds, RecordCounts(read, skipped, read - skipped - len(ds))
 
@@ -130,9 +131,13 @@ def _load_user_data(cfg: DataConfig, mode: str) -> tuple[datasets.Dataset, Optio
         if all(Path(f).stat().st_size == 0 for f in files):
             raise UsageError(f"data={cfg.name} is empty ({cfg.path})")
         if cfg.format == "text":
-            if not [line for f in files for _, line in text_lines(f) if line.strip()]:  # every line read: all UTF-8
-                raise UsageError(f"data={cfg.name} is empty ({cfg.path}: blank lines only)")
-            return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train"), None
+            try:
+                return datasets.load_dataset("text", data_files=files, sample_by=cfg.sample_by, split="train"), None
+            except Exception:
+                for f in files:  # a file that is not UTF-8: name its line, not the reader's byte offset
+                    for _ in text_lines(f):
+                        pass
+                raise
         if cfg.format == "jsonl":
             places = [place for f in files for place in check_jsonl(f, cfg, mode)]
             if not places:
