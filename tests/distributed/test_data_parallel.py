@@ -1,7 +1,11 @@
 """Two CPU ranks (gloo) train exactly like one process on the global batch: DDP and FSDP2,
 dense and SAT, and token-aware SAT on packed chats; FSDP2 starting from the meta device (random weights broadcast from the first
 rank, or pre-trained weights read shard by shard); one run folder; launcher=torchrun; exact
-resume under DDP and from FSDP2's sharded checkpoints."""
+resume under DDP and from FSDP2's sharded checkpoints.
+
+The two-rank trainings the tests compare share one torchrun launch (tests/distributed/ranks.py
+runs them one after another on each rank); the launcher, signal and sweep tests start
+``satrun`` itself as a user would."""
 
 from __future__ import annotations
 
@@ -53,6 +57,68 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in SCHEDULERS}
 
 
+EQUAL = [("ddp", "dense"), ("fsdp", "dense"), ("ddp", "sft-sat"), ("ddp", "lora"), ("ddp", "backward"), ("fsdp", "backward"),
+         ("ddp", "sft-backward")]
+SAT_ON_TWO = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2"]
+PRETRAINED = ["model.source=pretrained", "+model.path={dense}", "trainer.max_steps=2"]
+# random scores: the selection cannot depend on which rank scored which tokens (contrib's scores,
+# summed as squares over ranks in another order than one process sums them, can flip a near-tie)
+LORA_SAT = [*RUN, "model.source=pretrained", "+model.path={dense}", "adapter=lora", "adapter.r=4", "optim.lr=1e-2",
+            *SCHEDULERS["sat"], "metric=random"]
+LORA_SHARDED = [*LORA_SAT, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "trainer.save_every=2"]
+BF16 = [*RUN, "scheduler=dense", "trainer.precision=bf16", "trainer.max_steps=2"]
+
+
+def _plan() -> list[dict]:
+    """Every two-rank training of the tests below that launches ``satrun train`` itself: one
+    torchrun launch for them all (tests/distributed/ranks.py), in the order they depend on."""
+    jobs = [{"name": f"{strategy}-{scheduler}",
+             "args": [*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"]}
+            for strategy, scheduler in EQUAL]
+    jobs.append({"name": "accum-fsdp", "args": [*RUN, *SCHEDULERS["dense"], "trainer.micro_batch_size=1",
+                                                "trainer.grad_accum=2", "trainer.strategy=fsdp", "hydra.run.dir=accum"]})
+    for strategy in ("ddp", "fsdp"):
+        jobs.append({"name": f"full-{strategy}", "args": [*SAT_ON_TWO, f"trainer.strategy={strategy}"]})
+        jobs.append({"name": f"resumed-{strategy}", "args": [*SAT_ON_TWO, f"trainer.strategy={strategy}",
+                                                             f"resume={{run:full-{strategy}}}/checkpoints/step_2",
+                                                             "hydra.run.dir=resumed"]})
+    jobs.append({"name": "pretrained", "args": [*RUN, *PRETRAINED, "scheduler=dense", "trainer.micro_batch_size=2",
+                                                "trainer.strategy=fsdp", "hydra.run.dir=two"]})
+    jobs.append({"name": "lora-full", "folder": "lora", "args": [*LORA_SHARDED, "hydra.run.dir=full"]})
+    jobs.append({"name": "lora-resumed", "folder": "lora",
+                 "args": [*LORA_SHARDED, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"]})
+    jobs.append({"name": "bf16", "args": [*BF16, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "hydra.run.dir=two"]})
+    return jobs
+
+
+class Launch:
+    """The jobs of one torchrun launch: each job's status and folder."""
+
+    def __init__(self, root: Path, result: subprocess.CompletedProcess, plan: list[dict]) -> None:
+        self.root, self.result = root, result
+        self.statuses = json.loads((root / "status.json").read_text()) if (root / "status.json").is_file() else {}
+        self.folders = {job["name"]: root / job.get("folder", job["name"]) for job in plan}
+
+    def job(self, name: str) -> Path:
+        """The folder of a job that trained to its end (else the launch's output fails the test)."""
+        assert self.statuses.get(name) == 0, (name, self.statuses, self.result.stderr[-3000:])
+        return self.folders[name]
+
+
+@pytest.fixture(scope="module")
+def launched(single, tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    root = tmp_path_factory.mktemp("two-ranks")
+    plan = [{**job, "args": [arg.replace("{dense}", str(single["dense"] / "final")) for arg in job["args"]]}
+            for job in _plan()]
+    (root / "plan.json").write_text(json.dumps(plan))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env.pop("SATRUN_DEBUG", None)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             str(Path(__file__).with_name("ranks.py")), str(root / "plan.json")],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    return Launch(root, result, plan)
+
+
 def assert_same_training(run: Path, reference: Path) -> None:
     losses = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if r["kind"] == "train"]
@@ -82,13 +148,12 @@ def assert_same_weights(folder: Path, reference: Path) -> None:
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def two_ranks_equal_one_process(result: subprocess.CompletedProcess, tmp_path: Path, reference: Path) -> Path:
+def two_ranks_equal_one_process(job: Path, reference: Path) -> Path:
     """A two-rank run in its default run folder, chosen once for both ranks, trained as one
-    process did on the global batch; returns the folder."""
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    process did on the global batch; returns the run folder."""
+    runs = list((job / "outputs" / "runs").iterdir())
     assert len(runs) == 1  # one run folder, chosen once for both ranks
-    assert len(list(tmp_path.rglob("metrics.jsonl"))) == 1
+    assert len(list(job.rglob("metrics.jsonl"))) == 1
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["tokens_per_s_per_rank"] == pytest.approx(summary["tokens_per_s"] / 2)
@@ -96,24 +161,18 @@ def two_ranks_equal_one_process(result: subprocess.CompletedProcess, tmp_path: P
     return runs[0]
 
 
-@pytest.mark.parametrize("strategy,scheduler", [("ddp", "dense"), ("fsdp", "dense"), ("ddp", "sft-sat"), ("ddp", "lora"),
-                                                ("ddp", "backward"), ("fsdp", "backward"), ("ddp", "sft-backward")])
-def test_two_ranks_equal_one_process_on_the_global_batch(single, tmp_path: Path, strategy: str, scheduler: str) -> None:
+@pytest.mark.parametrize("strategy,scheduler", EQUAL)
+def test_two_ranks_equal_one_process_on_the_global_batch(single, launched, strategy: str, scheduler: str) -> None:
     """(SAT under DDP and FSDP2: test_resume_continues_exactly's runs; FSDP2 LoRA: below.)"""
-    result = torchrun([*RUN, *SCHEDULERS[scheduler], "trainer.micro_batch_size=2", f"trainer.strategy={strategy}"],
-                      tmp_path)
-    two_ranks_equal_one_process(result, tmp_path, single[scheduler])
+    two_ranks_equal_one_process(launched.job(f"{strategy}-{scheduler}"), single[scheduler])
 
 
 @pytest.mark.parametrize("strategy", ["fsdp"])  # DDP's no_sync is counted in test_gradient_sync.py
-def test_two_ranks_accumulating_micro_batches_equal_one_process(single, tmp_path: Path, strategy: str) -> None:
+def test_two_ranks_accumulating_micro_batches_equal_one_process(single, launched, strategy: str) -> None:
     """Two micro-batches of one sequence on each of two ranks, gradients reduced after the
     second only, give the step of one process's micro-batch of four (dense: SAT selects per
     micro-batch, so its selections follow the micro-batch size)."""
-    result = torchrun([*RUN, *SCHEDULERS["dense"], "trainer.micro_batch_size=1", "trainer.grad_accum=2",
-                       f"trainer.strategy={strategy}", "hydra.run.dir=accum"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_same_training(tmp_path / "accum", single["dense"])
+    assert_same_training(launched.job(f"accum-{strategy}") / "accum", single["dense"])
 
 
 def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> None:
@@ -129,21 +188,20 @@ def test_launcher_torchrun_starts_the_ranks_itself(single, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_resume_continues_exactly(single, tmp_path: Path, strategy: str) -> None:
+def test_resume_continues_exactly(single, launched, tmp_path: Path, strategy: str) -> None:
     """SAT on two ranks trains as one process on the global batch, and resumes exactly."""
-    args = [*RUN, *SCHEDULERS["sat"], "trainer.micro_batch_size=2", "trainer.save_every=2", f"trainer.strategy={strategy}"]
-    full = two_ranks_equal_one_process(torchrun(args, tmp_path), tmp_path, single["sat"])
-    resumed = torchrun([*args, f"resume={full}/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = two_ranks_equal_one_process(launched.job(f"full-{strategy}"), single["sat"])
+    resumed = launched.job(f"resumed-{strategy}") / "resumed"
     full_losses = {r["step"]: r["loss"] for r in read_jsonl(full / "metrics.jsonl") if r["kind"] == "train"}
-    resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl") if r["kind"] == "train"}
+    resumed_losses = {r["step"]: r["loss"] for r in read_jsonl(resumed / "metrics.jsonl") if r["kind"] == "train"}
     assert sorted(resumed_losses) == [3, 4] and all(resumed_losses[s] == full_losses[s] for s in resumed_losses)
-    assert_same_weights(tmp_path / "resumed" / "final", full / "final")
+    assert_same_weights(resumed / "final", full / "final")
     step = full / "checkpoints" / "step_2"
     if strategy == "fsdp":  # each rank wrote its own shards; no whole model anywhere
         assert sorted(p.name for p in (step / "shards").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
         assert not list(step.glob("*.safetensors"))
-        alone = run_satrun(["train", *args, f"resume={step}", "hydra.run.dir=alone"], tmp_path)
+        alone = run_satrun(["train", *SAT_ON_TWO, f"trainer.strategy={strategy}", f"resume={step}", "hydra.run.dir=alone"],
+                           tmp_path)
         assert alone.returncode == 2 and len(alone.stderr.strip().splitlines()) == 1, alone.stderr
         assert "written by 2 FSDP2 ranks" in alone.stderr
     else:  # DDP: the first rank's model folder
@@ -152,41 +210,33 @@ def test_resume_continues_exactly(single, tmp_path: Path, strategy: str) -> None
         assert AutoModelForCausalLM.from_pretrained(step).model.embed_tokens.weight.shape == (49152, 64)
 
 
-def test_fsdp_reads_pretrained_weights_shard_by_shard(single, tmp_path: Path) -> None:
+def test_fsdp_reads_pretrained_weights_shard_by_shard(single, launched, tmp_path: Path) -> None:
     """Each rank builds the model on the meta device and reads only its rows of the weights."""
-    pretrained = ["model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "trainer.max_steps=2"]
+    pretrained = [arg.replace("{dense}", str(single["dense"] / "final")) for arg in PRETRAINED]
     one = run_in_process(["train", *RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=4", "hydra.run.dir=one"],
                          tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun([*RUN, *pretrained, "scheduler=dense", "trainer.micro_batch_size=2", "trainer.strategy=fsdp",
-                    "hydra.run.dir=two"], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert_same_training(tmp_path / "two", tmp_path / "one")
+    assert_same_training(launched.job("pretrained") / "two", tmp_path / "one")
 
 
-def test_fsdp_lora_on_pretrained_weights_with_sat_equals_one_process_and_resumes_exactly(single, tmp_path: Path) -> None:
+def test_fsdp_lora_on_pretrained_weights_with_sat_equals_one_process_and_resumes_exactly(single, launched,
+                                                                                       tmp_path: Path) -> None:
     """LoRA under FSDP2 from the meta device: each rank reads its rows of the frozen base, the
     adapters start from the seed's values, SAT's sparse steps train them; checkpoints hold the
     adapters' and the optimizer's shards only, and a resume from one continues exactly."""
-    # random scores: the selection cannot depend on which rank scored which tokens (contrib's scores,
-    # summed as squares over ranks in another order than one process sums them, can flip a near-tie)
-    args = [*RUN, "model.source=pretrained", f"+model.path={single['dense'] / 'final'}", "adapter=lora", "adapter.r=4",
-            "optim.lr=1e-2", *SCHEDULERS["sat"], "metric=random"]
+    args = [arg.replace("{dense}", str(single["dense"] / "final")) for arg in LORA_SAT]
     one = run_in_process(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    sharded = [*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "trainer.save_every=2"]
-    full = torchrun([*sharded, "hydra.run.dir=full"], tmp_path)
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert_same_training(tmp_path / "full", tmp_path / "one")
-    step = tmp_path / "full" / "checkpoints" / "step_2" / "shards"
+    launched.job("lora-full")
+    lora = launched.job("lora-resumed")
+    assert_same_training(lora / "full", tmp_path / "one")
+    step = lora / "full" / "checkpoints" / "step_2" / "shards"
     base = sum(p.stat().st_size for p in (single["dense"] / "final").glob("*.safetensors"))
     assert 0 < sum(p.stat().st_size for p in step.glob("*.distcp")) < base / 10  # no frozen base in it
-    resumed = torchrun([*sharded, "resume=full/checkpoints/step_2", "hydra.run.dir=resumed"], tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    losses = [{r["step"]: r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"}
+    losses = [{r["step"]: r["loss"] for r in read_jsonl(lora / run / "metrics.jsonl") if r["kind"] == "train"}
               for run in ("resumed", "full")]
     assert sorted(losses[0]) == [3, 4] and all(losses[0][s] == losses[1][s] for s in losses[0])
-    assert_same_final(tmp_path / "resumed", tmp_path / "full")
+    assert_same_final(lora / "resumed", lora / "full")
 
 
 def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:
@@ -226,17 +276,14 @@ def test_launcher_torchrun_ranks_save_and_exit_on_a_signal(tmp_path: Path, how: 
     assert len(list((tmp_path / "run" / "checkpoints").iterdir())) == 1
 
 
-def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_masters(tmp_path: Path) -> None:
+def test_fsdp_bf16_computes_in_bf16_and_keeps_fp32_masters(launched, tmp_path: Path) -> None:
     """FSDP2's MixedPrecisionPolicy: bf16 compute close to one bf16-autocast process, weights fp32."""
-    args = [*RUN, "scheduler=dense", "trainer.precision=bf16", "trainer.max_steps=2"]
-    one = run_in_process(["train", *args, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
+    one = run_in_process(["train", *BF16, "trainer.micro_batch_size=4", "hydra.run.dir=one"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun([*args, "trainer.micro_batch_size=2", "trainer.strategy=fsdp", "hydra.run.dir=two"], tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    losses = [[r["loss"] for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
-              for run in ("two", "one")]
+    two = launched.job("bf16") / "two"
+    losses = [[r["loss"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"] for run in (two, tmp_path / "one")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-2) and losses[0] != losses[1]  # bf16 weights, not fp32
     from transformers import AutoModelForCausalLM
 
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    final = AutoModelForCausalLM.from_pretrained(two / "final")
     assert {p.dtype for p in final.state_dict().values()} == {torch.float32}

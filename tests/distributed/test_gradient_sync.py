@@ -54,14 +54,22 @@ def _reductions(strategy: str, accum: int) -> int:
     return calls[0]
 
 
-def _rank(rank: int, join, strategy: str) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+STRATEGIES = ["ddp", "fsdp"]
+
+
+def _rank(rank: int, join) -> dict[str, tuple[int, int]]:  # type: ignore[no-untyped-def]
     join()
-    return _reductions(strategy, 1), _reductions(strategy, 3)
+    return {strategy: (_reductions(strategy, 1), _reductions(strategy, 3)) for strategy in STRATEGIES}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_accumulated_micro_batches_reduce_gradients_once(strategy: str) -> None:
-    counts = on_two_ranks(_rank, strategy)
-    for one, three in counts.values():
+@pytest.fixture(scope="module")
+def counts() -> dict[int, dict[str, tuple[int, int]]]:
+    """Each rank's reductions for both strategies (one pair of processes)."""
+    return on_two_ranks(_rank)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_accumulated_micro_batches_reduce_gradients_once(counts, strategy: str) -> None:
+    for one, three in (rank[strategy] for rank in counts.values()):
         assert one > 0
         assert three == one  # not three times as many

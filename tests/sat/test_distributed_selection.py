@@ -37,16 +37,24 @@ def _kept(rank: int, metric: str) -> tuple[list[tuple[list[int], list[int], list
     return [(k["channels"].tolist(), k["heads"].tolist(), k["fill"].tolist()) for k in kept], calls[0]
 
 
-def _rank(rank: int, join, metric: str):  # type: ignore[no-untyped-def]
-    alone = _kept(rank, metric)  # before joining: each rank would pick from its own tokens
+METRICS = ["maxip", "contrib"]
+
+
+def _rank(rank: int, join):  # type: ignore[no-untyped-def]
+    alone = {metric: _kept(rank, metric) for metric in METRICS}  # before joining: each rank picks from its own tokens
     join()
-    return alone, _kept(rank, metric)
+    return {metric: (alone[metric], _kept(rank, metric)) for metric in METRICS}
 
 
-@pytest.mark.parametrize("metric", ["maxip", "contrib"])
-def test_ranks_select_the_same_heads_and_channels(metric: str) -> None:
-    got = on_two_ranks(_rank, metric)
-    ((alone_0, _), (together_0, calls_0)), ((alone_1, _), (together_1, calls_1)) = got[0], got[1]
+@pytest.fixture(scope="module")
+def selections() -> dict[int, dict]:
+    """Each rank's selections, alone and joined, for every metric (one pair of processes)."""
+    return on_two_ranks(_rank)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_ranks_select_the_same_heads_and_channels(selections, metric: str) -> None:
+    ((alone_0, _), (together_0, calls_0)), ((alone_1, _), (together_1, calls_1)) = selections[0][metric], selections[1][metric]
     assert [k[:2] for k in alone_0] != [k[:2] for k in alone_1]  # the data differ enough to change the choice...
     for (*kept_0, fill_0), (*kept_1, fill_1) in zip(together_0, together_1):
         assert kept_0 == kept_1  # ...but with the scores reduced, both ranks keep the same neurons
