@@ -23,7 +23,7 @@ def _choices(right: str, pool: list[str], rng: random.Random, also_right: frozen
     """``right`` among CHOICES - 1 distinct others of about its length, drawn from ``pool``
     (sorted by length) and not among ``also_right``, at a random place. Like lengths keep the unnormalised loglikelihood
     (``acc``) from simply preferring the shortest choice."""
-    at = bisect.bisect_left([len(text) for text in pool], len(right))
+    at = bisect.bisect_left(pool, len(right), key=len)
     near = pool[max(0, at - NEIGHBOURS):at + NEIGHBOURS]
     others: list[str] = []
     while len(others) < CHOICES - 1:
