@@ -1,5 +1,5 @@
 """SAT's wiring into a run, from typed config: the Sparsifier and its schedule, the token rows
-it is handed, the FLOPs each step counts, the start-up line, and its own summary fields.
+it is handed, the FLOPs each step counts, the start-up line, and its own fields of the summary.
 (The method itself is :mod:`satrun.sat`, which knows no config of the run; the trainer knows
 nothing of either.)"""
 
@@ -82,13 +82,17 @@ def describe_sparsity(cfg: TrainConfig, sparsity: ScheduledSparsity) -> str:
     return text
 
 
-def add_summary_fields(summary: dict[str, Any], sparsity: ScheduledSparsity) -> None:
-    """SAT's fields in each stage of a run's summary: the share of the stage's time spent scoring
-    and selecting (``select_share``) and, where the stage spreads its MLP rate over the layers,
-    each layer's rate (``mlp_layer_rates``; ``mlp_rate`` is then their mean)."""
-    overhead = sparsity.overhead_by_stage()
+def stage_fields(sparsity: ScheduledSparsity) -> Callable[[str, float], dict[str, Any]]:
+    """SAT's fields of a stage in the run's summary (the trainer's ``StepHooks.stage``): the
+    share of the stage's time spent scoring and selecting (``select_share``) and, where the
+    stage spreads its MLP rate over the layers, each layer's rate (``mlp_layer_rates``;
+    ``mlp_rate`` is then their mean)."""
     layer_rates = {s.name: s.mlp_layer_rates for s in sparsity.stages}
-    for stage in summary["stages"]:
-        stage["select_share"] = overhead.get(stage["name"], 0.0) / stage["total_s"] if stage["total_s"] else 0.0
-        if layer_rates.get(stage["name"]) is not None:
-            stage["mlp_layer_rates"] = list(layer_rates[stage["name"]])
+
+    def fields(name: str, total_s: float) -> dict[str, Any]:
+        found: dict[str, Any] = {"select_share": sparsity.overhead_by_stage().get(name, 0.0) / total_s if total_s else 0.0}
+        if layer_rates.get(name) is not None:
+            found["mlp_layer_rates"] = list(layer_rates[name])
+        return found
+
+    return fields

@@ -97,7 +97,6 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(tmp_path: Path) -> None:
 def test_ctrl_c_while_torch_imports_is_one_line_and_130(tmp_path: Path) -> None:
     """A cold start spends seconds importing torch; a Ctrl-C then must not crash the exit."""
     import os
-    import signal
     import subprocess
     import sys
 

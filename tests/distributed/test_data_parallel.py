@@ -245,7 +245,6 @@ def test_a_sweep_under_torchrun_is_refused(tmp_path: Path) -> None:
 
 
 def _stop_launcher_run(tmp_path: Path, send) -> tuple[subprocess.Popen, str]:  # type: ignore[no-untyped-def]
-    import signal  # noqa: F401
     import time
 
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

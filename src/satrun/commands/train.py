@@ -24,7 +24,7 @@ from satrun.training.display import QuietDisplay, make_display, print_summary
 from satrun.training.loggers import Fanout, build_loggers
 from satrun.training.metrics import write_summary
 from satrun.training.saving import remove_stale, write_hf_folder
-from satrun.sparsity import StepFlopCounter, add_summary_fields, build_sparsity, describe_sparsity, token_rows_hooks
+from satrun.sparsity import StepFlopCounter, build_sparsity, describe_sparsity, stage_fields, token_rows_hooks
 from satrun.training.run import EveryNSteps, RunIO
 from satrun.training.trainer import StartState, StepHooks, train
 
@@ -104,7 +104,8 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
         save_adapters(model, folder / ADAPTER_FOLDER)
 
     io = RunIO(run_dir, display, logger, write_model, write_final, settings, started)
-    hooks = StepHooks([sparsity], token_rows_hooks(sparsity.sparsifier), StepFlopCounter(cfg, model, sparsity))
+    hooks = StepHooks([sparsity], token_rows_hooks(sparsity.sparsifier), StepFlopCounter(cfg, model, sparsity),
+                      stage_fields(sparsity))
     try:
         summary = train(model, corpus, cfg.trainer, cfg.optim, io, hooks, callbacks, StartState(resume, fill))
     except Interrupted as exc:
@@ -119,7 +120,6 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if samples is not None:
             samples.close()
-    add_summary_fields(summary, sparsity)
     if sparsity.sparsifier is not None:
         sparsity.sparsifier.remove()
     summary.update(final_dir=str(run_dir / "final"), run_dir=str(run_dir),

@@ -24,6 +24,7 @@ from satrun.training.saving import staged_folder
 
 Batch = dict[str, torch.Tensor]
 StepHook = Callable[[int], dict[str, Any]]  # called before each optimizer step; returns record fields
+StageFields = Callable[[str, float], dict[str, Any]]  # a stage's name and seconds -> the method's own fields of its summary
 
 
 @torch.no_grad()
@@ -318,7 +319,8 @@ class Run:
         raise Interrupted(f"stopped by {signal.Signals(number).name} after step {self.state.step}; "
                           f"checkpoint saved: {folder}", number)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, stage_fields: Optional[StageFields] = None) -> dict[str, Any]:
+        """The run's summary; ``stage_fields`` adds a training method's own fields to each stage."""
         state = self.state
         return {
             "steps": state.step,
@@ -337,7 +339,7 @@ class Run:
             "train_s": state.train_s,
             **self.utilisation(state.train_flops, state.train_s),
             "wall_s": self.wall_s(),
-            "stages": stage_summary(state.step_log, state.stage_fields),
+            "stages": stage_summary(state.step_log, state.stage_fields, stage_fields),
             "peak_mem_bytes": runtime.peak_memory_bytes(self.device),
             "device": str(self.device),
         }
@@ -352,21 +354,25 @@ def _newest(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def stage_summary(step_log: Sequence[tuple[str, float, int]], stage_fields: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Throughput per stage, in order. The first steps of a stage (min(2, steps // 4)) are
-    warm-up and left out of its means; ``total_s`` counts every step."""
+def stage_summary(step_log: Sequence[tuple[str, float, int]], stage_fields: dict[str, dict[str, Any]],
+                  more: Optional[StageFields] = None) -> list[dict[str, Any]]:
+    """Throughput per stage, in order, with the record fields of its first step and ``more``'s.
+    The first steps of a stage (min(2, steps // 4)) are warm-up and left out of its means;
+    ``total_s`` counts every step."""
     stages: list[dict[str, Any]] = []
     for name in dict.fromkeys(stage for stage, _, _ in step_log):
         steps = [(s, t) for stage, s, t in step_log if stage == name]
         measured = steps[min(2, len(steps) // 4) :]
         seconds = sum(s for s, _ in measured)
         extra = {k: v for k, v in stage_fields.get(name, {}).items() if k != "stage"}
+        total = sum(s for s, _ in steps)
         stages.append({
             "name": name,
             "steps": len(steps),
             **extra,
             "tokens_per_s": sum(t for _, t in measured) / seconds if seconds else 0.0,
             "step_s": seconds / len(measured) if measured else 0.0,
-            "total_s": sum(s for s, _ in steps),
+            "total_s": total,
+            **(more(name, total) if more else {}),
         })
     return stages

@@ -22,7 +22,7 @@ from satrun.training import distributed, runtime
 from satrun.training.loggers import JsonLines
 from satrun.training.loss import CausalLMObjective
 from satrun.training.optim import build_optimizer, lr_at
-from satrun.training.run import Batch, EveryNSteps, Run, RunIO, StepHook
+from satrun.training.run import Batch, EveryNSteps, Run, RunIO, StageFields, StepHook
 
 BatchHook = Callable[[Batch], None]  # called with each micro-batch before its forward
 StepFlops = Callable[[Sequence[Batch]], float]  # training FLOPs of a step's micro-batches (host batches)
@@ -86,11 +86,13 @@ class StepHooks:
     is called before every step with the step number and returns fields for the train records
     (a ``stage`` field groups the steps for the per-stage report); each of ``batch`` sees every
     micro-batch before its forward; ``flops(host_batches)`` says a step's training FLOPs on
-    this rank (records and the summary carry them)."""
+    this rank (records and the summary carry them); ``stage(name, seconds)`` gives the method's
+    own fields of a stage in the summary."""
 
     step: Sequence[StepHook] = ()
     batch: Sequence[BatchHook] = ()
     flops: Optional[StepFlops] = None
+    stage: Optional[StageFields] = None
 
 
 @dataclass
@@ -171,7 +173,7 @@ def train(model: torch.nn.Module, corpus: Corpus, trainer: TrainerConfig, optim:
     finally:
         io.display.close()
         logger.close()
-    return run.summary()
+    return run.summary(hooks.stage)
 
 
 def _prepare(model: torch.nn.Module, trainer: TrainerConfig, world: distributed.World, device: torch.device,
