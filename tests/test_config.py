@@ -236,7 +236,7 @@ def test_explicit_lr_override_wins_in_sft(compose):
 def test_dataclass_defaults_validate():
     # The typed defaults themselves are a valid configuration.
     cfg = TrainConfig()
-    from satrun.config import validate
+    from satrun.checks import validate
 
     validate(cfg)
     assert dataclasses.asdict(cfg)["mode"] == {"name": "cpt", "train_on_inputs": False}

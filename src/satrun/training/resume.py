@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from satrun.config import TrainConfig, unread_keys
+from satrun.checks import unread_keys
+from satrun.config import TrainConfig
 from satrun.errors import UsageError
 from satrun.report import ERROR_FILE  # a failed start's reason: stale once a start succeeds
 from satrun.training import checkpoint, distributed
