@@ -31,16 +31,15 @@ def main(plan_file: Path) -> int:
     from satrun.cli.main import main as satrun
 
     root, plan = plan_file.parent, json.loads(plan_file.read_text())
+    folders = {job["name"]: root / job.get("folder", job["name"]) for job in plan}
     statuses: dict[str, int] = {}
     for job in plan:
-        folder = root / job.get("folder", job["name"])
-        folder.mkdir(exist_ok=True)
         args = list(job["args"])
         for name in statuses:
             if any(f"{{run:{name}}}" in arg for arg in args):
-                earlier = run_folder(root / next(j.get("folder", name) for j in plan if j["name"] == name))
-                args = [arg.replace(f"{{run:{name}}}", str(earlier)) for arg in args]
-        os.chdir(folder)
+                args = [arg.replace(f"{{run:{name}}}", str(run_folder(folders[name]))) for arg in args]
+        folders[job["name"]].mkdir(exist_ok=True)
+        os.chdir(folders[job["name"]])
         try:
             code = satrun(["train", *args])
         except SystemExit as exc:
