@@ -304,7 +304,6 @@ def check_bench(size: dict, device: torch.device, dtype: torch.dtype, out_dir: P
 
 def _satrun(args: list[str]) -> tuple[int, str]:
     """``satrun <args>`` through its main() in this process: the exit status and what it wrote to stderr."""
-    import contextlib
     import io
 
     from satrun.cli.main import main as satrun_main

@@ -29,7 +29,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     device = runtime.resolve_device(cfg.trainer.device)
     folder, tokenizer, model = inference_model(cfg, e.run, "eval.run")
     model.to(device)
-    amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+    amp = runtime.precision_context(cfg.trainer.precision, device)
     results = evaluation.evaluate(model, tokenizer, e, cfg.trainer.seed, amp, manager)
     results["satrun"] = {"model": str(folder or cfg.model.name), "scores": evaluation.scores(results)}
     text = evaluation.table(results)

@@ -24,7 +24,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> list[dict[str, Any]]:
     folder, tokenizer, model = inference_model(cfg, g.run, "generate.run")
     model.to(device)
     chat = uses_chat(g, tokenizer)
-    amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+    amp = runtime.precision_context(cfg.trainer.precision, device)
     results = generate_texts(model, tokenizer, prompts, g, device, amp, echo=True)
     out_file = run_dir / "generations.jsonl"
     out_file.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")

@@ -40,7 +40,7 @@ def run(cfg: TrainConfig, run_dir: Path) -> dict[str, Any]:
     if backward:
         return _gradient_probe(cfg, model, batches, speedup, run_dir)
     metrics = list(dict.fromkeys([*p.metrics, cfg.metric.name]))  # the configured metric is always measured
-    with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
+    with runtime.precision_context(t.precision, device):
         result = probe.measure(model, batches, metrics, p.rates, cfg.metric, cfg.selector, p.layer_rate, attn, t.seed,
                                tokens)
         result.update(metric=cfg.metric.name, selector=cfg.selector.name, attn_rate=attn, batches=p.batches,
@@ -74,7 +74,7 @@ def _gradient_probe(cfg: TrainConfig, model: PreTrainedModel, batches: list[dict
     """``satrun probe scheduler.omit=backward``: the sparse-backward gradient against the dense one."""
     t, p = cfg.trainer, cfg.probe
     device = runtime.resolve_device(t.device)
-    with runtime.autocast(device, runtime.resolve_precision(t.precision, device)):
+    with runtime.precision_context(t.precision, device):
         result = probe.gradient_agreement(model, batches, p.rates, cfg.metric, cfg.selector, p.layer_rate, t.seed,
                                           sparse_tokens(cfg))
     result.update(metric=cfg.metric.name, selector=cfg.selector.name, batches=p.batches, mode=cfg.mode.name,

@@ -156,7 +156,7 @@ class Samples:
 
     def write(self, step: int) -> None:
         device = next(self.model.parameters()).device
-        amp = runtime.autocast(device, runtime.resolve_precision(self.precision, device))
+        amp = runtime.precision_context(self.precision, device)
         self.records = self.records or self.open()
         for result in generate_texts(self.model, self.tokenizer, self.prompts, self.g, device, amp):
             self.records.log({"step": step, **result, "settings": describe(self.g, self.chat)})
@@ -180,7 +180,7 @@ def periodic_benchmark(cfg: TrainConfig, model: PreTrainedModel, tokenizer: Any,
 
     def record(step: int) -> dict[str, Any]:
         device = next(model.parameters()).device
-        amp = runtime.autocast(device, runtime.resolve_precision(cfg.trainer.precision, device))
+        amp = runtime.precision_context(cfg.trainer.precision, device)
         return {"kind": "benchmark", **evaluation.scores(evaluation.evaluate(model, tokenizer, cfg.eval, cfg.trainer.seed, amp,
                                                                            manager, progress=False, stderr=False))}
 

@@ -44,7 +44,7 @@ def check_layer(layer: torch.nn.Module, index: int) -> tuple[dict[str, Optional[
             f"(supported: {', '.join(sorted(SUPPORTED_ATTENTION))} with their MLPs)"
         )
     probe = torch.linspace(-4, 4, 17)
-    is_silu = torch.allclose(mlp.act_fn(probe), torch.nn.functional.silu(probe))
+    is_silu = torch.allclose(mlp.act_fn(probe), F.silu(probe))
     if not is_silu or base_linear(mlp.gate_proj).bias is not None:
         raise UnsupportedModel(f"layer {index}: only SiLU-gated MLPs without bias are supported")
     adapters = {f"{part}.{name}": resolve_lora(layer.get_submodule(f"{part}.{name}"), f"layer {index} {part}.{name}")

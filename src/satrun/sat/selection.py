@@ -38,8 +38,6 @@ def topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 
-
-
 def normalized(scores: torch.Tensor, how: str = "max") -> torch.Tensor:
     """Scores mapped into [0, 1] per row, so that a temperature means the same for every metric,
     layer and scale: ``max`` divides by the row maximum (all metrics are non-negative); ``rank``

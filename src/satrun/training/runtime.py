@@ -55,6 +55,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The mixed-precision context of a ``trainer.precision`` setting on ``device``."""
+    return autocast(device, resolve_precision(precision, device))
+
+
 def keep_freed_host_memory() -> bool:
     """Let glibc keep large freed blocks for reuse instead of handing them back to the kernel.
 
